@@ -1,0 +1,39 @@
+// Shared input checks for the C++ kernels. Messages match opt_fast/_checks.py word for word up to the
+// dtype spelling, so a user gets the same error whichever kernel serves the call.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace opt_fast {
+
+inline void check_float_matrix(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "opt_fast.", op,
+              ": expected ", name, " to be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() >= 2, "opt_fast.", op, ": expected ", name,
+              " to have at least 2 dimensions [..., rows, cols], got shape ", t.sizes());
+}
+
+inline void check_square(const char* op, const char* name, const at::Tensor& t) {
+  check_float_matrix(op, name, t);
+  TORCH_CHECK(t.size(-1) == t.size(-2), "opt_fast.", op, ": expected ", name,
+              " to be square [..., d, d], got shape ", t.sizes());
+}
+
+inline void check_same_device_dtype(const char* op, const char* a, const at::Tensor& ta, const char* b,
+                                    const at::Tensor& tb) {
+  TORCH_CHECK(ta.device() == tb.device(), "opt_fast.", op, ": expected ", a, " and ", b,
+              " on the same device, got ", ta.device(), " and ", tb.device());
+  TORCH_CHECK(ta.scalar_type() == tb.scalar_type(), "opt_fast.", op, ": expected ", a, " and ", b,
+              " to have the same dtype, got ", ta.scalar_type(), " and ", tb.scalar_type());
+}
+
+inline void check_grad_shape(const char* op, const at::Tensor& grad, at::IntArrayRef shape) {
+  TORCH_CHECK(grad.sizes() == shape, "opt_fast.", op, ": expected grad of shape ", shape, ", got ",
+              grad.sizes());
+}
+
+// Identity matrix of size d with t's dtype and device.
+inline at::Tensor eye_like(const at::Tensor& t, int64_t d) { return at::eye(d, t.options()); }
+
+}  // namespace opt_fast

@@ -1,0 +1,117 @@
+"""Input validation at the op boundary, shared by the reference kernels and the fake kernels.
+
+Every message starts with ``opt_fast.<op>:`` and says what was expected, so a user who passes a wrong
+shape learns which op and which argument. The C++ kernels (csrc/opt_fast.h) use the same wording.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def fail(op: str, msg: str):
+    raise RuntimeError(f"opt_fast.{op}: {msg}")
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def float_matrix(op: str, name: str, t: Tensor) -> None:
+    """t is a (batched) float32/float64 matrix."""
+    if not isinstance(t, Tensor):
+        fail(op, f"expected {name} to be a Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        fail(op, f"expected {name} to be float32 or float64, got {t.dtype}")
+    if t.dim() < 2:
+        fail(op, f"expected {name} to have at least 2 dimensions [..., rows, cols], got shape {_shape(t)}")
+
+
+def square(op: str, name: str, t: Tensor) -> None:
+    float_matrix(op, name, t)
+    if t.shape[-1] != t.shape[-2]:
+        fail(op, f"expected {name} to be square [..., d, d], got shape {_shape(t)}")
+
+
+def same_batch(op: str, a: str, ta: Tensor, a_nd: int, b: str, tb: Tensor, b_nd: int) -> None:
+    """The leading (batch) dims of ta (all but its last a_nd) equal those of tb (all but its last b_nd)."""
+    ba, bb = ta.shape[: ta.dim() - a_nd], tb.shape[: tb.dim() - b_nd]
+    if ta.dim() - a_nd != tb.dim() - b_nd or ba != bb:
+        fail(op, f"expected {a} and {b} to have the same batch dimensions, got {a} {_shape(ta)} and {b} {_shape(tb)}")
+
+
+def same_device_dtype(op: str, a: str, ta: Tensor, b: str, tb: Tensor) -> None:
+    if ta.device != tb.device:
+        fail(op, f"expected {a} and {b} on the same device, got {ta.device} and {tb.device}")
+    if ta.dtype != tb.dtype:
+        fail(op, f"expected {a} and {b} to have the same dtype, got {ta.dtype} and {tb.dtype}")
+
+
+# ---- one validator per forward op ------------------------------------------------------------------
+
+def householder_product(V: Tensor, tau: Tensor) -> None:
+    op = "householder_product"
+    float_matrix(op, "V", V)
+    if not isinstance(tau, Tensor) or tau.dim() < 1:
+        fail(op, "expected tau to be a Tensor with at least 1 dimension [..., k]")
+    same_device_dtype(op, "V", V, "tau", tau)
+    m, n, k = V.shape[-2], V.shape[-1], tau.shape[-1]
+    if m < n:
+        fail(op, f"expected V [..., m, n] with m >= n, got shape {_shape(V)}")
+    if k > n:
+        fail(op, f"expected k = tau.shape[-1] <= n = V.shape[-1], got k = {k} and V of shape {_shape(V)}")
+    same_batch(op, "V", V, 2, "tau", tau, 1)
+
+
+def householder_orthogonal(V: Tensor) -> None:
+    op = "householder_orthogonal"
+    float_matrix(op, "V", V)
+    if V.shape[-1] > V.shape[-2]:
+        fail(op, f"expected V [..., d, k] with k <= d reflectors, got shape {_shape(V)}")
+
+
+def householder_apply(V: Tensor, X: Tensor) -> None:
+    op = "householder_apply"
+    float_matrix(op, "V", V)
+    float_matrix(op, "X", X)
+    same_device_dtype(op, "V", V, "X", X)
+    if V.shape[-1] > V.shape[-2]:
+        fail(op, f"expected V [..., d, k] with k <= d reflectors, got shape {_shape(V)}")
+    if X.shape[-2] != V.shape[-2]:
+        fail(op, f"expected X [..., d, n] with d = V.shape[-2] = {V.shape[-2]}, got X of shape {_shape(X)}")
+    same_batch(op, "V", V, 2, "X", X, 2)
+
+
+def gram_schmidt(P: Tensor, block_size: int) -> None:
+    op = "gram_schmidt"
+    float_matrix(op, "P", P)
+    if P.shape[-1] > P.shape[-2]:
+        fail(op, f"expected P [..., m, n] with m >= n (a wide matrix has no n orthonormal columns), got shape {_shape(P)}")
+    if block_size < 0:
+        fail(op, f"expected block_size >= 0 (0 = automatic), got {block_size}")
+
+
+def lowdin(P: Tensor, iters: int, R0: Optional[Tensor]) -> None:
+    op = "lowdin"
+    square(op, "P", P)
+    if iters < 0:
+        fail(op, f"expected iters >= 0 (0 = iterate to convergence), got {iters}")
+    if R0 is not None:
+        square(op, "R0", R0)
+        same_device_dtype(op, "P", P, "R0", R0)
+        if R0.shape != P.shape:
+            fail(op, f"expected R0 with the shape of P {_shape(P)}, got {_shape(R0)}")
+
+
+def cayley(S: Tensor) -> None:
+    square("cayley", "S", S)
+
+
+def grad_like(op: str, grad: Tensor, out_shape) -> None:
+    """Backward ops: the incoming gradient has the forward output's shape."""
+    if grad.shape != out_shape:
+        fail(op, f"expected grad of shape {list(out_shape)}, got {_shape(grad)}")

@@ -1,0 +1,41 @@
+"""THE schema list: every op of the ``opt_fast`` namespace is defined here, once.
+
+Kernels attach to these schemas elsewhere: the pure-PyTorch references (every device), the C++ CPU/CUDA
+kernels in ``opt_fast._C`` and the Triton launchers in ``opt_fast.triton_kernels``. Because the schemas
+live in Python, ``torch.ops.opt_fast.<op>`` exists whether or not the extension was built.
+"""
+import torch
+
+# Keep a module-level reference: registrations live as long as this object.
+lib = torch.library.Library("opt_fast", "DEF")
+
+FORWARD_OPS = (
+    "householder_product",
+    "householder_orthogonal",
+    "householder_apply",
+    "gram_schmidt",
+    "lowdin",
+    "cayley",
+)
+
+SCHEMAS = {
+    "householder_product": "householder_product(Tensor V, Tensor tau) -> Tensor",
+    "householder_product_backward":
+        "householder_product_backward(Tensor grad, Tensor V, Tensor tau) -> (Tensor, Tensor)",
+    "householder_orthogonal": "householder_orthogonal(Tensor V) -> Tensor",
+    "householder_orthogonal_backward": "householder_orthogonal_backward(Tensor grad, Tensor V) -> Tensor",
+    "householder_apply": "householder_apply(Tensor V, Tensor X) -> Tensor",
+    "householder_apply_backward":
+        "householder_apply_backward(Tensor grad, Tensor V, Tensor X) -> (Tensor, Tensor)",
+    "gram_schmidt": "gram_schmidt(Tensor P, int block_size=0) -> Tensor",
+    "gram_schmidt_backward": "gram_schmidt_backward(Tensor grad, Tensor P, Tensor Q) -> Tensor",
+    "lowdin": "lowdin(Tensor P, int iters=0, Tensor? R0=None) -> Tensor",
+    "lowdin_backward": "lowdin_backward(Tensor grad, Tensor P, Tensor R) -> Tensor",
+    "cayley": "cayley(Tensor S) -> Tensor",
+    "cayley_backward": "cayley_backward(Tensor grad, Tensor Q) -> Tensor",
+}
+
+ALL_OPS = tuple(SCHEMAS)
+
+for _schema in SCHEMAS.values():
+    lib.define(_schema)

@@ -1,0 +1,169 @@
+"""Attach kernels to the schemas of ``_ops``, in this order:
+
+1. the reference kernels as CompositeExplicitAutograd: the fallback for every device;
+2. fake kernels (shapes, dtypes and the same input checks) for torch.compile / meta tensors;
+3. autograd formulas whose backward calls ``torch.ops.opt_fast.<op>_backward``, so that a fast backward
+   kernel is used whenever one is registered;
+4. the C++ extension ``opt_fast._C`` (CPU, and CUDA when built), unless ``OPT_FAST_DISABLE_EXT=1``;
+5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``).
+"""
+import functools
+import logging
+import os
+
+import torch
+
+from . import _backends, _checks
+from ._ops import lib
+from .reference import REFERENCE_KERNELS
+
+log = logging.getLogger("opt_fast")
+
+
+def _contiguous_outputs(fn):
+    # Outputs are always contiguous (LAPACK routines hand back column-major results), so that every kernel
+    # and the fake kernels agree on strides.
+    @functools.wraps(fn)
+    def wrapper(*args):
+        out = fn(*args)
+        if isinstance(out, tuple):
+            return tuple(o.contiguous() for o in out)
+        return out.contiguous()
+    return wrapper
+
+
+# ---- 1. references ----------------------------------------------------------------------------------
+for _name, _fn in REFERENCE_KERNELS.items():
+    lib.impl(_name, _contiguous_outputs(_fn), "CompositeExplicitAutograd")
+
+
+# ---- 2. fake kernels --------------------------------------------------------------------------------
+def _empty(like, shape):
+    return like.new_empty(tuple(shape))
+
+
+@torch.library.register_fake("opt_fast::householder_product", lib=lib)
+def _householder_product_fake(V, tau):
+    _checks.householder_product(V, tau)
+    return _empty(V, V.shape)
+
+
+@torch.library.register_fake("opt_fast::householder_product_backward", lib=lib)
+def _householder_product_backward_fake(grad, V, tau):
+    return _empty(V, V.shape), _empty(tau, tau.shape)
+
+
+@torch.library.register_fake("opt_fast::householder_orthogonal", lib=lib)
+def _householder_orthogonal_fake(V):
+    _checks.householder_orthogonal(V)
+    return _empty(V, V.shape[:-1] + (V.shape[-2],))
+
+
+@torch.library.register_fake("opt_fast::householder_orthogonal_backward", lib=lib)
+def _householder_orthogonal_backward_fake(grad, V):
+    return _empty(V, V.shape)
+
+
+@torch.library.register_fake("opt_fast::householder_apply", lib=lib)
+def _householder_apply_fake(V, X):
+    _checks.householder_apply(V, X)
+    return _empty(X, X.shape)
+
+
+@torch.library.register_fake("opt_fast::householder_apply_backward", lib=lib)
+def _householder_apply_backward_fake(grad, V, X):
+    return _empty(V, V.shape), _empty(X, X.shape)
+
+
+@torch.library.register_fake("opt_fast::gram_schmidt", lib=lib)
+def _gram_schmidt_fake(P, block_size=0):
+    _checks.gram_schmidt(P, block_size)
+    return _empty(P, P.shape)
+
+
+@torch.library.register_fake("opt_fast::gram_schmidt_backward", lib=lib)
+def _gram_schmidt_backward_fake(grad, P, Q):
+    return _empty(P, P.shape)
+
+
+@torch.library.register_fake("opt_fast::lowdin", lib=lib)
+def _lowdin_fake(P, iters=0, R0=None):
+    _checks.lowdin(P, iters, R0)
+    return _empty(P, P.shape)
+
+
+@torch.library.register_fake("opt_fast::lowdin_backward", lib=lib)
+def _lowdin_backward_fake(grad, P, R):
+    return _empty(P, P.shape)
+
+
+@torch.library.register_fake("opt_fast::cayley", lib=lib)
+def _cayley_fake(S):
+    _checks.cayley(S)
+    return _empty(S, S.shape)
+
+
+@torch.library.register_fake("opt_fast::cayley_backward", lib=lib)
+def _cayley_backward_fake(grad, Q):
+    return _empty(Q, Q.shape)
+
+
+# ---- 3. autograd -----------------------------------------------------------------------------------
+def _register_autograd(op, saved, backward):
+    """``saved(inputs, output)`` picks the tensors to keep; ``backward(grad, *saved)`` returns input grads."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*saved(inputs, output))
+
+    def bw(ctx, grad):
+        return backward(grad, *ctx.saved_tensors)
+
+    torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
+
+
+_ops = torch.ops.opt_fast
+_register_autograd("householder_product", lambda i, o: (i[0], i[1]),
+                   lambda g, V, tau: tuple(_ops.householder_product_backward(g, V, tau)))
+_register_autograd("householder_orthogonal", lambda i, o: (i[0],),
+                   lambda g, V: _ops.householder_orthogonal_backward(g, V))
+_register_autograd("householder_apply", lambda i, o: (i[0], i[1]),
+                   lambda g, V, X: tuple(_ops.householder_apply_backward(g, V, X)))
+_register_autograd("gram_schmidt", lambda i, o: (i[0], o),
+                   lambda g, P, Q: (_ops.gram_schmidt_backward(g, P, Q), None))
+# R0 is a starting guess, not a differentiable input: the result does not depend on it.
+_register_autograd("lowdin", lambda i, o: (i[0], o),
+                   lambda g, P, R: (_ops.lowdin_backward(g, P, R), None, None))
+_register_autograd("cayley", lambda i, o: (o,),
+                   lambda g, Q: _ops.cayley_backward(g, Q))
+
+
+# ---- 4. the C++ extension ---------------------------------------------------------------------------
+def _load_extension():
+    if _backends.env_flag("OPT_FAST_DISABLE_EXT"):
+        return
+    try:
+        from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY_IMPL registrars)
+    except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
+        _backends.ext_error = e
+        if _backends.env_flag("OPT_FAST_REQUIRE_EXT"):
+            raise ImportError(
+                f"opt_fast: the C++ extension opt_fast._C failed to load ({e}) and OPT_FAST_REQUIRE_EXT=1; "
+                "rebuild with `pip install --no-build-isolation .`") from e
+        log.info("opt_fast._C not loaded (%s); using the reference kernels", e)
+
+
+# ---- 5. Triton ------------------------------------------------------------------------------------
+def _load_triton():
+    try:
+        from .triton_kernels import LAUNCHERS
+    except ImportError as e:
+        log.info("opt_fast.triton_kernels not available (%s)", e)
+        return
+    force = os.environ.get("OPT_FAST_CUDA_BACKEND", "").lower() == "triton"
+    for op, launcher in LAUNCHERS.items():
+        if force or not _backends.has_kernel(op, "CUDA"):
+            torch.library.register_kernel(f"opt_fast::{op}", "cuda", launcher, lib=lib)
+            _backends.triton_ops.add(op)
+
+
+_load_extension()
+_load_triton()

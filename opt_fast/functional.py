@@ -1,0 +1,50 @@
+"""Typed Python entry points for the ``torch.ops.opt_fast`` ops (all batched over leading dims)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.opt_fast
+
+
+def householder_product(V: Tensor, tau: Tensor) -> Tensor:
+    """Drop-in for ``torch.linalg.householder_product``: the first n columns of H_1…H_k,
+    H_i = I - tau_i v_i v_iᵀ, v_i the i-th column of V below the diagonal with an implicit 1 on it.
+    V: [..., m, n] (m >= n), tau: [..., k] (k <= n) -> [..., m, n]."""
+    return _ops.householder_product(V, tau)
+
+
+def householder_orthogonal(V: Tensor) -> Tensor:
+    """H(v_1)…H(v_k) with H(v) = I - 2vvᵀ/vᵀv for the dense columns v_i of V: [..., d, k] -> [..., d, d].
+    A zero column is the identity reflector."""
+    return _ops.householder_orthogonal(V)
+
+
+def householder_apply(V: Tensor, X: Tensor) -> Tensor:
+    """H(v_1)…H(v_k) X without forming the d×d product. V: [..., d, k], X: [..., d, n] -> [..., d, n]."""
+    return _ops.householder_apply(V, X)
+
+
+def gram_schmidt(P: Tensor, block_size: int = 0) -> Tensor:
+    """The columns of P orthonormalised in order: Q of P = QR with diag(R) > 0. P: [..., m, n], m >= n.
+    Equivalent to ``Q, R = torch.linalg.qr(P); Q * sign(diag(R))``. block_size 0 = automatic."""
+    return _ops.gram_schmidt(P, block_size)
+
+
+def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
+    """The orthogonal polar factor P (PᵀP)^(-1/2) of square P (Löwdin's symmetric orthogonalisation), by
+    Newton–Schulz-type iterations; ``iters=0`` iterates to float-grade orthogonality, ``R0`` is a warm
+    start (e.g. the previous training step's result). Equivalent to ``U, S, Vh = svd(P); U @ Vh``."""
+    return _ops.lowdin(P, iters, R0)
+
+
+def cayley(S: Tensor) -> Tensor:
+    """The Cayley transform (I + S)(I - S)⁻¹ of square S (orthogonal for skew-symmetric S).
+    Equivalent to ``torch.linalg.solve(I - S, I + S)``."""
+    return _ops.cayley(S)
+
+
+def skew(P: Tensor) -> Tensor:
+    """The skew matrix OPT-CP builds from its parameter: triu(P) - triu(P)ᵀ (opt_spec.md §2.1)."""
+    U = P.triu()
+    return U - U.mT

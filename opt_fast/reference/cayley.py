@@ -1,0 +1,33 @@
+"""Reference Cayley transform: Q = (I + S)(I - S)^-1, the map of OPT-CP (opt_spec.md §2.1).
+
+Forward with one inverse, using the identity I + Q = 2 (I - S)^-1, i.e. Q = 2 M - I with M = (I - S)^-1
+(perf_targets.md §2.4).
+
+Backward from the saved output alone. With dQ = dS M + (I + S) dM and dM = M dS M we get
+dQ = (I + Q) dS M = 2 M dS M, so for an upstream gradient G
+
+    grad_S = 2 Mᵀ G Mᵀ = ½ (I + Q)ᵀ G (I + Q)ᵀ        (two matmuls, no second solve).
+
+This is the full gradient with respect to S: it holds for any S with I - S invertible, so the caller's
+own map P -> S (e.g. triu(P) - triu(P)ᵀ) is differentiated by autograd around the op. For skew S,
+I - S is never singular (its symmetric part is I).
+"""
+import torch
+from torch import Tensor
+
+from .. import _checks
+
+
+def cayley_ref(S: Tensor) -> Tensor:
+    _checks.cayley(S)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    M, info = torch.linalg.inv_ex(eye - S)
+    if S.numel() and bool((info > 0).any()):
+        _checks.fail("cayley", "I - S is singular (S must be skew-symmetric, or at least have no eigenvalue 1)")
+    return 2.0 * M - eye
+
+
+def cayley_backward_ref(grad: Tensor, Q: Tensor) -> Tensor:
+    _checks.grad_like("cayley_backward", grad, Q.shape)
+    B = Q.mT + torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)  # (I + Q)ᵀ
+    return 0.5 * (B @ grad @ B)

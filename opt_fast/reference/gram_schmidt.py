@@ -1,0 +1,39 @@
+"""Reference Gram-Schmidt: the columns of P orthonormalised in order, i.e. Q of P = QR with diag(R) > 0.
+
+Classical Gram-Schmidt (what OPT's released code unrolls, opt_spec.md §2.2) loses orthogonality like
+O(u κ²) on the square N(0,1) matrices OPT starts from (κ ~ d), so the reference computes the same
+mathematical result with Householder QR (LAPACK geqrf/orgqr: orthogonality O(u) whatever κ) and flips
+signs so that diag(R) > 0. ``block_size`` belongs to the blockwise kernels; the reference ignores it.
+
+Rank deficiency: the forward stays finite (Householder QR of a singular matrix is defined; where
+R_jj = 0 the sign is taken as +1), but Q is then not unique and the backward, which solves with R, gives
+inf/NaN. OPT's parameters are full rank with probability 1.
+
+Backward by the QR adjoint (no unrolling). For P = QR (m >= n), an upstream gradient G on Q and none on R:
+
+    M = -Gᵀ Q,   grad_P = (G + Q copyltu(M)) R⁻ᵀ,   copyltu(M) = tril(M) + tril(M, -1)ᵀ
+
+one triangular solve and three matmuls; R = triu(Qᵀ P) is recomputed rather than stored. The sign flip
+needs no term of its own: Q' = QS, R' = SR is again a QR factorisation and the formula only uses that.
+"""
+import torch
+from torch import Tensor
+
+from .. import _checks
+
+
+def gram_schmidt_ref(P: Tensor, block_size: int = 0) -> Tensor:
+    _checks.gram_schmidt(P, block_size)
+    Q, R = torch.linalg.qr(P)
+    sign = torch.sign(R.diagonal(dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return Q * sign.unsqueeze(-2)
+
+
+def gram_schmidt_backward_ref(grad: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+    _checks.grad_like("gram_schmidt_backward", grad, Q.shape)
+    R = (Q.mT @ P).triu()
+    M = -(grad.mT @ Q)
+    M = M.tril() + M.tril(-1).mT
+    B = grad + Q @ M
+    return torch.linalg.solve_triangular(R.mT, B, upper=False, left=False)

@@ -1,0 +1,17 @@
+"""Triton kernels, installed as ``opt_fast.triton_kernels``.
+
+``LAUNCHERS`` maps an op name to a launcher with the op's signature; ``opt_fast._register`` attaches each
+one as the CUDA kernel of ``torch.ops.opt_fast.<op>`` when no C++ CUDA kernel exists. ``AVAILABLE`` is
+True when Triton imports and can run (a CUDA device, or the interpreter with ``TRITON_INTERPRET=1``).
+"""
+import os
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:  # Triton is optional: CPU-only installs may not have it
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+LAUNCHERS = {}
