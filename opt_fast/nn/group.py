@@ -1,0 +1,124 @@
+"""Grouped batching: the OPT layers of a model that share (method, parameter shape, dtype, device) get
+their R from ONE batched ``torch.ops.opt_fast`` call per forward of the model, not one call per layer.
+
+How the single call is guaranteed:
+* ``group_layers(model)`` builds a ``LayerGroup`` per key and a ``Grouping`` that owns them, and registers
+  two hooks on ``model``: a forward pre-hook that opens a *session* (clears every group's cache and marks
+  it active) and a forward hook (``always_call=True``) that closes it.
+* Inside a session the first layer of a group that runs calls ``LayerGroup.result``: it stacks the
+  group's parameters (``torch.stack`` of each layer's own nn.Parameter, so each keeps its state_dict key
+  and gets its gradient through the stack), makes the one op call, and caches the stacked result; the
+  other layers index into the cache. Each forward of the model therefore recomputes exactly once, and
+  the graph of one forward is never reused by another.
+* Outside a session (a layer or a submodule called on its own, checkpoint recomputation) a layer
+  computes its R with a call of its own, so results never go stale.
+
+All state is plain Python attributes mutated in the hooks, which torch.compile(fullgraph=True) traces
+as side effects; the groups are not nn.Modules, so the state_dict is unchanged.
+"""
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .layers import OPTLayer
+
+
+def _group_key(layer: OPTLayer) -> Tuple:
+    P = layer.learnable
+    key = (layer.method.name, tuple(P.shape), P.dtype, P.device)
+    return key + ((tuple(layer.W0.shape),) if layer.direct else ())  # direct maps stack V0 too
+
+
+class LayerGroup:
+    """Same-keyed OPT layers whose R (or direct weight) is computed by one batched op call."""
+
+    def __init__(self, layers: List[OPTLayer]):
+        self.layers = list(layers)
+        self.method = layers[0].method
+        self.direct = layers[0].direct
+        self.active = False
+        self._cache = None
+        self.grouping = None  # the Grouping that owns this group
+
+    def result(self, index: int) -> Tensor:
+        if self._cache is None:
+            self._cache = self.compute()
+        return self._cache[index]
+
+    def compute(self) -> Tensor:
+        """The stacked R (or weights) of every layer of the group: one op call."""
+        P = torch.stack([layer.learnable for layer in self.layers])
+        if self.direct:
+            return self.method.apply(P, torch.stack([layer._V0() for layer in self.layers]))
+        if not self.method.warm_start:
+            return self.method.rotation(P)
+        R = self.method.rotation(P, torch.stack([layer.R0 for layer in self.layers]))
+        for layer, R_i in zip(self.layers, R.detach().unbind(0)):
+            layer.R0.copy_(R_i)
+        return R
+
+    def __repr__(self):
+        return f"LayerGroup(method={self.method.name!r}, layers={len(self.layers)})"
+
+
+class Grouping:
+    """The groups of one root module and the hooks that open and close a forward session."""
+
+    def __init__(self, root: nn.Module, groups: Dict[Tuple, LayerGroup]):
+        self.root = root
+        self.groups = groups
+        for group in groups.values():
+            group.grouping = self
+            for i, layer in enumerate(group.layers):
+                layer._opt_group, layer._opt_group_index = group, i
+        root.register_forward_pre_hook(self._open)
+        root.register_forward_hook(self._close, always_call=True)
+        root._opt_grouping = self
+
+    def _open(self, module, args):
+        for group in self.groups.values():
+            group.active, group._cache = True, None
+
+    def _close(self, module, args, output):
+        for group in self.groups.values():
+            group.active, group._cache = False, None
+
+    def remove(self):
+        """Detach the hooks and the layers (found by identity, so this also works on a deepcopy)."""
+        for hooks in (self.root._forward_pre_hooks, self.root._forward_hooks):
+            for hook_id in [k for k, h in hooks.items() if getattr(h, "__self__", None) is self]:
+                del hooks[hook_id]
+                self.root._forward_hooks_always_called.pop(hook_id, None)
+        for group in self.groups.values():
+            for layer in group.layers:
+                if layer._opt_group is group:
+                    layer._opt_group = None
+        if getattr(self.root, "_opt_grouping", None) is self:
+            del self.root._opt_grouping
+
+    def __repr__(self):
+        return f"Grouping({list(self.groups.values())})"
+
+
+def ungroup(model: nn.Module) -> None:
+    """Remove every grouping that touches ``model`` or its OPT layers (they then compute R one by one)."""
+    for module in model.modules():
+        grouping = getattr(module, "_opt_grouping", None)
+        if grouping is not None:
+            grouping.remove()
+        if isinstance(module, OPTLayer) and module._opt_group is not None:
+            module._opt_group.grouping.remove()  # may be installed on an ancestor of ``model``
+
+
+def group_layers(model: nn.Module) -> Grouping:
+    """Group ``model``'s OPT layers that use an op-based method by (method, parameter shape, dtype,
+    device) and install the session hooks on ``model`` (replacing any earlier grouping of its layers).
+    Call it again after changing a subset of layers' dtype or device."""
+    ungroup(model)
+    buckets: Dict[Tuple, List[OPTLayer]] = OrderedDict()
+    for module in model.modules():  # modules() yields each shared layer once
+        if isinstance(module, OPTLayer) and module.method.uses_op:
+            buckets.setdefault(_group_key(module), []).append(module)
+    return Grouping(model, OrderedDict((k, LayerGroup(v)) for k, v in buckets.items()))

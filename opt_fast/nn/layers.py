@@ -1,0 +1,252 @@
+"""OPT layers: frozen random neurons W0 (a buffer) rotated by a learned orthogonal R on the fan-in.
+
+In PyTorch weight layout W0 is [out, in, *k]; flattened to V0 [n, d] (rows = neurons, d = fan-in) the
+layer uses V = V0 Rᵀ, i.e. every neuron w_j becomes R w_j (opt_spec.md §0). R comes from the layer's
+method (methods.py); layers of one model that share a method and shape are batched by group.py.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair, _single
+
+from . import stochastic as _stoch
+from .methods import METHODS, Method, get_method, normalize_init
+
+
+class OPTLayer(nn.Module):
+    """Shared machinery of OPTLinear / OPTConv1d / OPTConv2d (not used directly).
+
+    OPT options (keyword-only on the concrete layers):
+      method: "cayley", "gram_schmidt" (default), "householder", "householder_qr", "lowdin", "ogd",
+        "orth_reg" or "none" (see docs/methods.md).
+      init: "reference" (the released code's init, default) or "identity" (R = I; alias "zero").
+      stochastic: fraction of the fan-in rotated by stochastic OPT (None = full OPT); sample:
+        "coordinate" or "channel". num_reflectors: k for "householder" (default d).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, ...], bias: bool,
+                 method, init: str, stochastic: Optional[float], sample: str,
+                 num_reflectors: Optional[int], device, dtype):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.method: Method = get_method(method)
+        self.init_mode = normalize_init(init)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.fan_in = d = in_channels * math.prod(kernel_size)
+        self.stochastic, self.sample = stochastic, sample
+
+        # W0 ~ N(0, 2/d), He-normal on the fan-in and not normalised, as released (opt_spec §1.2).
+        W0 = torch.empty((out_channels, in_channels) + tuple(kernel_size), **factory)
+        self.register_buffer("W0", W0.normal_(0.0, math.sqrt(2.0 / d)))
+
+        if stochastic is not None:
+            if not self.method.stochastic_ok:
+                ok = [name for name, m in METHODS.items() if m.stochastic_ok]
+                raise ValueError(f"opt_fast.nn: stochastic OPT needs a method whose identity init is exactly "
+                                 f"R = I; {self.method.name!r} is not one of {ok}")
+            idx = _stoch.sample_indices(d, in_channels, stochastic, sample, device=W0.device)
+            self.register_buffer("idx", idx)
+            shape, init = (idx.numel(),) * 2, "identity"  # S-OPT starts every P_s at I (opt_spec §2.7)
+        else:
+            shape, init = self.method.shape(d, out_channels, num_reflectors), self.init_mode
+        P = self.method.init(shape, init, **factory)
+        if self.method.name == "none":
+            P.copy_(self._V0())
+        self.register_parameter(self.method.param_name, nn.Parameter(P))
+
+        if self.method.warm_start:  # lowdin: the previous step's R, not saved (a speed-up only)
+            self.register_buffer("R0", torch.empty(shape, **factory), persistent=False)
+            self._refresh_warm_start()
+        if bias:
+            bound = 1.0 / math.sqrt(d)  # nn.Linear / nn.Conv's default bias init
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self._opt_group = None        # set by group.group_layers: the LayerGroup that batches this layer
+        self._opt_group_index = 0
+
+    # ---- what the method computes ---------------------------------------------------------------------
+    @property
+    def learnable(self) -> Tensor:
+        """The learnable tensor (P, V, R or weight, depending on the method)."""
+        return getattr(self, self.method.param_name)
+
+    @property
+    def direct(self) -> bool:
+        """True if the method maps V0 to the weight without forming R (householder with n < d, none)."""
+        return self.stochastic is None and self.method.direct(self.fan_in, self.out_channels)
+
+    def _V0(self) -> Tensor:
+        return self.W0.reshape(self.out_channels, self.fan_in)
+
+    def _core(self) -> Tensor:
+        """R (R_s for stochastic layers), or the weight V itself when ``direct``; from the group's one
+        batched call during the grouped model's forward, else from a call of its own."""
+        g = self._opt_group
+        if g is not None and g.active:
+            return g.result(self._opt_group_index)
+        P = self.learnable
+        if self.direct:
+            return self.method.apply(P, self._V0())
+        if not self.method.warm_start:
+            return self.method.rotation(P)
+        # Pass a snapshot: the buffer is overwritten below, and must not alias what the op returns.
+        R = self.method.rotation(P, self.R0.clone())
+        self.R0.copy_(R.detach())
+        return R
+
+    def weight_matrix(self) -> Tensor:
+        """The effective weight V = V0 Rᵀ as an [n, d] matrix."""
+        core = self._core()
+        if self.direct:
+            return core
+        V0 = self._V0()
+        if self.stochastic is not None:  # rotate the sampled columns, pass the others through
+            return V0.index_copy(1, self.idx, V0.index_select(1, self.idx) @ core.mT)
+        return V0 @ core.mT
+
+    def effective_weight(self) -> Tensor:
+        """The weight the layer uses, in PyTorch layout [out, in, *k] (what merge() stores)."""
+        return self.weight_matrix().reshape(self.W0.shape)
+
+    def rotation(self) -> Tensor:
+        """The full d×d R (identity outside the sampled block for stochastic layers); for diagnostics,
+        one op call of its own, no side effects."""
+        R = self.method.rotation(self.learnable, self.R0 if self.method.warm_start else None)
+        if self.stochastic is None:
+            return R
+        full = torch.eye(self.fan_in, dtype=R.dtype, device=R.device)
+        return full.index_put((self.idx[:, None], self.idx[None, :]), R)
+
+    @torch.no_grad()
+    def _refresh_warm_start(self):
+        if self.method.warm_start:
+            self.R0.copy_(self.method.rotation(self.learnable))
+
+    # ---- setting weights --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weight(self, weight: Tensor) -> None:
+        """Make the layer compute ``weight`` ([out, in, *k]) now: W0 = weight rotated back by the current
+        R (W0 = weight itself when R = I, e.g. init="identity"). Used by convert(keep_weights=True)."""
+        if tuple(weight.shape) != tuple(self.W0.shape):
+            raise ValueError(f"opt_fast.nn: load_weight expects shape {list(self.W0.shape)}, got {list(weight.shape)}")
+        V = weight.reshape(self.out_channels, self.fan_in).to(self.W0)
+        if self.method.name == "none":
+            self.learnable.copy_(V)
+        else:
+            R = self.rotation()  # V0 Rᵀ = V  <=>  V0 = V R (R orthogonal, or exactly I)
+            if not torch.equal(R, torch.eye(self.fan_in, dtype=R.dtype, device=R.device)):
+                if not self.method.orthogonal:
+                    raise ValueError(f"opt_fast.nn: load_weight needs R = I for method {self.method.name!r}; "
+                                     "use init='identity'")
+                V = V @ R
+        self.W0.copy_(V.reshape(self.W0.shape))
+
+    def resample(self, optimizer=None, generator: Optional[torch.Generator] = None) -> None:
+        """Stochastic OPT: merge R_s into W0, reset P_s to I and draw a new subset (see stochastic.py)."""
+        _stoch.resample_layer(self, optimizer=optimizer, generator=generator)
+
+    # ---- state_dict ---------------------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"method": self.method.name, "stochastic": self.stochastic}
+
+    def set_extra_state(self, state):
+        if state.get("method") != self.method.name:
+            raise ValueError(f"opt_fast.nn: state_dict was saved from an OPT layer with method "
+                             f"{state.get('method')!r}, but this {type(self).__name__} uses {self.method.name!r}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if strict and prefix + "W0" not in state_dict:
+            hint = (" (it looks like a plain layer's state_dict: use opt_fast.nn.convert(model, "
+                    "keep_weights=True) to start from pretrained weights)" if prefix + "weight" in state_dict
+                    and self.method.name != "none" else "")
+            error_msgs.append(f"opt_fast.nn: {type(self).__name__} at {prefix or '<root>'!r} needs its frozen "
+                              f"neurons {prefix + 'W0'!r} in the state_dict{hint}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._refresh_warm_start()
+
+    def extra_repr(self):
+        s = f"method={self.method.name!r}, fan_in={self.fan_in}, bias={self.bias is not None}"
+        if self.stochastic is not None:
+            s += f", stochastic={self.stochastic} ({self.sample}, m={self.idx.numel()})"
+        return s
+
+
+def _method_kwargs(method, init, stochastic, sample, num_reflectors, device, dtype):
+    return dict(method=method, init=init, stochastic=stochastic, sample=sample,
+                num_reflectors=num_reflectors, device=device, dtype=dtype)
+
+
+class OPTLinear(OPTLayer):
+    """nn.Linear's signature plus the OPT options; y = x Vᵀ + b with V = W0 Rᵀ ([out, in])."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, method="gram_schmidt", *,
+                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 num_reflectors: Optional[int] = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, (), bias,
+                         **_method_kwargs(method, init, stochastic, sample, num_reflectors, device, dtype))
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight_matrix(), self.bias)
+
+
+class _OPTConvNd(OPTLayer):
+    _ntuple = staticmethod(_pair)
+    _conv = staticmethod(F.conv2d)
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                 padding_mode, method, init, stochastic, sample, num_reflectors, device, dtype):
+        if groups != 1:
+            raise ValueError(f"opt_fast.nn: OPT conv layers need groups=1 (one R on the whole fan-in), "
+                             f"got groups={groups}")
+        if padding_mode != "zeros":
+            raise ValueError(f"opt_fast.nn: OPT conv layers support padding_mode='zeros' only, got {padding_mode!r}")
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"opt_fast.nn: padding must be 'same', 'valid' or ints, got {padding!r}")
+            if padding == "same" and any(s != 1 for s in self._ntuple(stride)):
+                raise ValueError("opt_fast.nn: padding='same' is not supported for strided convolutions")
+        kernel_size = self._ntuple(kernel_size)
+        super().__init__(in_channels, out_channels, kernel_size, bias,
+                         **_method_kwargs(method, init, stochastic, sample, num_reflectors, device, dtype))
+        self.kernel_size = kernel_size
+        self.stride, self.dilation = self._ntuple(stride), self._ntuple(dilation)
+        self.padding = padding if isinstance(padding, str) else self._ntuple(padding)
+        self.groups, self.padding_mode = 1, "zeros"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, 1)
+
+    def extra_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, " + super().extra_repr())
+
+
+class OPTConv1d(_OPTConvNd):
+    """nn.Conv1d's signature (groups=1, padding_mode='zeros') plus the OPT options."""
+    _ntuple = staticmethod(_single)
+    _conv = staticmethod(F.conv1d)
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", method="gram_schmidt", *,
+                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 num_reflectors: Optional[int] = None, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, method, init, stochastic, sample, num_reflectors, device, dtype)
+
+
+class OPTConv2d(_OPTConvNd):
+    """nn.Conv2d's signature (groups=1, padding_mode='zeros') plus the OPT options."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", method="gram_schmidt", *,
+                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 num_reflectors: Optional[int] = None, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, method, init, stochastic, sample, num_reflectors, device, dtype)
