@@ -3,7 +3,8 @@
 1. the reference kernels as CompositeExplicitAutograd: the fallback for every device;
 2. fake kernels (shapes, dtypes and the same input checks) for torch.compile / meta tensors;
 3. autograd formulas whose backward calls ``torch.ops.opt_fast.<op>_backward``, so that a fast backward
-   kernel is used whenever one is registered;
+   kernel is used whenever one is registered; the backward ops are differentiable too (double backward)
+   through the vector-Jacobian product of their reference, which is written in differentiable torch ops;
 4. the C++ extension ``opt_fast._C`` (CPU, and CUDA when built), unless ``OPT_FAST_DISABLE_EXT=1``;
 5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``).
 """
@@ -134,6 +135,28 @@ _register_autograd("lowdin", lambda i, o: (i[0], o),
                    lambda g, P, R: (_ops.lowdin_backward(g, P, R), None, None))
 _register_autograd("cayley", lambda i, o: (o,),
                    lambda g, Q: _ops.cayley_backward(g, Q))
+
+
+
+def _register_double_backward(op):
+    """Autograd for ``<op>_backward``: the VJP of its pure-PyTorch reference (rarely used; correct first)."""
+    ref = REFERENCE_KERNELS[op]
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def bw(ctx, *grads):
+        out, vjp_fn = torch.func.vjp(ref, *ctx.saved_tensors)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, outs))
+        return vjp_fn(grads if isinstance(out, tuple) else grads[0])
+
+    torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
+
+
+for _name in REFERENCE_KERNELS:
+    if _name.endswith("_backward"):
+        _register_double_backward(_name)
 
 
 # ---- 4. the C++ extension ---------------------------------------------------------------------------

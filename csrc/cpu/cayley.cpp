@@ -23,8 +23,7 @@ at::Tensor cayley_cpu(const at::Tensor& S) {
 
 at::Tensor cayley_backward_cpu(const at::Tensor& grad, const at::Tensor& Q) {
   check_grad_shape("cayley_backward", grad, Q.sizes());
-  auto B = Q.mT().contiguous();  // (I + Q)^T
-  B.diagonal(0, -2, -1).add_(1.0);
+  auto B = Q.mT() + eye_like(Q, Q.size(-1));  // (I + Q)^T, a new tensor: never write into Q
   return at::matmul(at::matmul(B, grad), B).mul_(0.5).contiguous();
 }
 

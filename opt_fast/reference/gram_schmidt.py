@@ -25,8 +25,10 @@ from .. import _checks
 def gram_schmidt_ref(P: Tensor, block_size: int = 0) -> Tensor:
     _checks.gram_schmidt(P, block_size)
     Q, R = torch.linalg.qr(P)
-    sign = torch.sign(R.diagonal(dim1=-2, dim2=-1))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    diag = R.diagonal(dim1=-2, dim2=-1)
+    # +1 where R_jj >= 0 (also for R_jj = 0), -1 where negative; "+ 0 * diag" keeps a NaN of R as NaN
+    # (torch.sign(nan) is 0, and geqrf never reads the last column of a square P beyond R_nn).
+    sign = torch.where(diag < 0, -1.0, 1.0).to(diag.dtype) + 0.0 * diag
     return Q * sign.unsqueeze(-2)
 
 

@@ -92,6 +92,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _checks
+
 __all__ = ["lowdin_ref", "lowdin_backward_ref"]
 
 # ---------------------------------------------------------------------------------------------------
@@ -281,6 +283,7 @@ def lowdin_ref(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor
     (warm start); it is only used when it is still the polar factor of P to working accuracy,
     otherwise the cold iteration runs.
     """
+    _checks.lowdin(P, iters, R0)
     shape = P.shape
     d = shape[-1]
     if P.numel() == 0:
@@ -311,6 +314,7 @@ def lowdin_backward_ref(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
     𝓛(Ω) = Ω H + H Ω this is <𝓛⁻¹(skew(RᵀG)), Rᵀ dP - dPᵀ R> = <2 R 𝓛⁻¹(skew(RᵀG)), dP>, i.e. the
     formula above. Uses only P and R, so memory does not depend on the forward's iteration count.
     """
+    _checks.grad_like("lowdin_backward", grad, R.shape)
     if grad.numel() == 0:
         return torch.zeros_like(P)
     RtP = R.mT @ P
