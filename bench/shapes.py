@@ -1,0 +1,142 @@
+"""Benchmark shapes (perf_targets.md §3.2), in three sizes.
+
+* ``smoke``   tiny shapes: ``pytest bench --benchmark-disable`` (the CI smoke test) runs each case once.
+* ``default`` small shapes that finish in minutes on a 2-core CPU: a plain ``pytest bench`` and
+              ``python bench/report.py``.
+* ``full``    the whole sweep of perf_targets §3.2 (``report.py --full``; meant for a GPU).
+
+d = fan-in (9·C_in for a 3×3 conv), b = number of same-d matrices in one batched call, k = number of
+Householder reflectors (default d), n = columns of X for ``householder_apply`` (C_out), ``norm`` = target
+spectral norm of the Cayley input (None: OPT-CP init, N(0,1) entries, ‖S‖ ~ 2√d). ``prio`` orders the full
+sweep, so a run cut short by its time budget has covered the most important shapes first.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+SIZES = ("smoke", "default", "full")
+
+
+@dataclass(frozen=True)
+class Shape:
+    d: int
+    b: int = 1
+    tag: str = ""
+    k: Optional[int] = None
+    n: Optional[int] = None
+    norm: Optional[float] = None
+    prio: int = 0
+
+    @property
+    def kk(self) -> int:
+        return self.d if self.k is None else self.k
+
+    @property
+    def label(self) -> str:
+        s = f"d={self.d} b={self.b}"
+        if self.k is not None and self.k != self.d:
+            s += f" k={self.k}"
+        if self.n is not None:
+            s += f" n={self.n}"
+        if self.norm is not None:
+            s += f" ‖S‖={self.norm:g}"
+        return s
+
+    def key(self) -> Tuple:
+        return (self.d, self.b, self.k, self.n, self.norm)
+
+
+F32, F64 = torch.float32, torch.float64
+
+# (shape, dtypes) per family and size. Families: "square" (householder_product, householder_orthogonal,
+# gram_schmidt, lowdin, cayley: d×d inputs), plus extra shapes for householder (k sweep), apply (n) and
+# cayley (PEFT regime).
+
+
+def _smoke() -> Dict[str, List[Tuple[Shape, Tuple]]]:
+    sq = [(Shape(8, 3, "tiny batch"), (F32, F64)), (Shape(27, 1, "CNN-6 conv1_0"), (F32,))]
+    return {
+        "square": sq,
+        "householder_k": [(Shape(27, 1, "k sweep", k=8), (F32,))],
+        "apply": [(Shape(8, 3, "tiny batch", n=4), (F32,)), (Shape(27, 1, "CNN-6 conv1_0", n=16), (F32,))],
+        "cayley_peft": [(Shape(8, 8, "OFT blocks", norm=0.5), (F32,))],
+        "e2e": [],
+    }
+
+
+def _default() -> Dict[str, List[Tuple[Shape, Tuple]]]:
+    sq = [
+        (Shape(27, 1, "CNN-6 conv1_0"), (F32,)),
+        (Shape(144, 6, "S-OPT m=144, 6 layers"), (F32, F64)),
+        (Shape(576, 1, "CNN-6 3×3 conv, one layer"), (F32,)),
+    ]
+    return {
+        "square": sq,
+        "householder_k": [(Shape(576, 1, "k sweep: k=d/4", k=144), (F32,))],
+        "apply": [(Shape(27, 1, "CNN-6 conv1_0", n=64), (F32,)),
+                  (Shape(144, 6, "S-OPT m=144, 6 layers", n=64), (F32,)),
+                  (Shape(576, 1, "CNN-6 3×3 conv", n=64), (F32,))],
+        "cayley_peft": [(Shape(32, 128, "OFT block 32 (4096/32 blocks)", norm=0.5), (F32,))],
+    }
+
+
+def _full() -> Dict[str, List[Tuple[Shape, Tuple]]]:
+    sq: List[Tuple[Shape, Tuple]] = []
+    seen = set()
+
+    def add(shape: Shape, dtypes=(F32,)):
+        if (shape.d, shape.b) not in seen:
+            seen.add((shape.d, shape.b))
+            sq.append((shape, dtypes))
+
+    # 0: the OPT reference nets (opt_spec §1.1): 64-wide CNN-6 and the CP net, one batched call per d-group
+    for d, b in ((27, 1), (576, 5), (1024, 1)):
+        add(Shape(d, b, "CNN-6 (64-wide) d-group", prio=0), (F32, F64) if b == 1 and d <= 1024 else (F32,))
+    for d, b in ((288, 2), (576, 2), (1152, 1), (2048, 1)):
+        add(Shape(d, b, "CP net d-group", prio=0))
+    # 1: the size ladder, one matrix
+    for d in (27, 576, 1152, 2304, 4608):
+        add(Shape(d, 1, "size ladder", prio=1), (F32, F64) if d <= 1152 else (F32,))
+    # 2: whole-network d-groups (ResNet-18 CIFAR, VGG-16), 1×1 shortcuts, S-OPT sub-blocks (b = layers)
+    for d, b in ((1152, 4), (2304, 4), (4608, 3)):
+        add(Shape(d, b, "ResNet-18 d-group", prio=2))
+    for d, b in ((576, 2), (1152, 2), (2304, 3), (4608, 5)):
+        add(Shape(d, b, "VGG-16 d-group", prio=2))
+    for d in (64, 128, 256):
+        add(Shape(d, 1, "ResNet 1×1 shortcut", prio=2))
+    for m in (90, 144, 160, 256):
+        add(Shape(m, 6, "S-OPT sub-block, 6 layers", prio=2))
+    # 3: batch sweep
+    for d in (27, 576, 1152, 2304):
+        for b in (4, 8, 16, 64):
+            if d == 2304 and b > 16:
+                continue
+            add(Shape(d, b, "batch sweep", prio=3))
+    hk = [(Shape(d, 1, "k sweep", k=k, prio=4), (F32,))
+          for d in (576, 1152) for k in (1, 8, 32, d // 4)]
+    apply = [(Shape(d, 1, "apply to W0 (n = C_out)", n=n, prio=1 if n == n0 else 4), (F32,))
+             for d, n0, ns in ((27, 64, (64,)), (576, 64, (64, 128)), (1152, 128, (128, 256)),
+                               (2304, 256, (256,)), (4608, 512, (512,)))
+             for n in ns]
+    peft = [(Shape(bs, 4096 // bs, f"OFT block {bs} ({4096 // bs} blocks)", norm=nrm, prio=4), (F32,))
+            for bs in (8, 16, 32, 64) for nrm in (1e-2, 1.0)]
+    return {"square": sq, "householder_k": hk, "apply": apply, "cayley_peft": peft}
+
+
+def shape_sets(size: str) -> Dict[str, List[Tuple[Shape, Tuple]]]:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    return {"smoke": _smoke, "default": _default, "full": _full}[size]()
+
+
+# Layer sets for the end-to-end section: {d: number of layers}
+RESNET18 = {27: 1, 576: 5, 1152: 4, 2304: 4, 4608: 3}
+LAYER_SETS = {
+    "smoke": ("tiny layer set", {27: 1, 64: 2}),
+    # the same five d-groups and layer counts at 1/8 of the channel widths (d = 9·C_in/8; the input layer kept)
+    "default": ("ResNet-18 layer set at 1/8 width", {27: 1, 72: 5, 144: 4, 288: 4, 576: 3}),
+    "full": ("ResNet-18 layer set", RESNET18),
+}
+# CNN-6 train step: batch size per size (the OPT reference trains with batch 128)
+E2E_BATCH = {"smoke": 4, "default": 32, "full": 128}
