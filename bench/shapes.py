@@ -138,5 +138,6 @@ LAYER_SETS = {
     "default": ("ResNet-18 layer set at 1/8 width", {27: 1, 72: 5, 144: 4, 288: 4, 576: 3}),
     "full": ("ResNet-18 layer set", RESNET18),
 }
-# CNN-6 train step: batch size per size (the OPT reference trains with batch 128)
-E2E_BATCH = {"smoke": 4, "default": 32, "full": 128}
+# CNN-6 train step: batch size per size (the OPT reference trains with batch 128; the issue states its
+# step-ratio targets at 128)
+E2E_BATCH = {"smoke": 4, "default": 128, "full": 128}
