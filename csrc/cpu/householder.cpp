@@ -1,0 +1,688 @@
+// Householder products on the CPU through ATen: householder_product (LAPACK orgqr convention),
+// householder_orthogonal and householder_apply, forward and backward.
+//
+// Algorithm: the UT / compact-WY form of opt_fast/reference/householder.py (the spec),
+//     H_1 ... H_k = I - Y T Yᵀ,   T = (I + D N)⁻¹ D,   D = diag(tau),  N = striu(YᵀY),
+// all level 3, with the triangular structure exploited by recursion instead of a loop over reflectors:
+//   * N: only the upper triangle of YᵀY, by recursive halving (SYRK-like; for the unit-lower-trapezoidal
+//     Y of householder_product also skipping the zero rows above each column block);
+//   * T: recursive, T = [T11, -T11 N12 T22; 0, T22] (no division by tau, so tau = 0 needs no special case),
+//     the two products with triangular factors being recursive TRMMs; blocks of <= 32 by substitution;
+//   * products with a triangular factor (T, Tᵀ, the unit-lower Y, Y[:n]ᵀ, the upper-trapezoidal T Y[:n]ᵀ)
+//     by recursive halving down to 64 (or more for batches) with at::baddbmm_ on sub-blocks, in place, so
+//     zero blocks are skipped and nothing of size d×d is allocated beyond the outputs;
+//   * householder_product: W = T Y[:n]ᵀ is upper trapezoidal (triangle × triangle), and
+//     Q = I[:, :n] - Y W is a lower × upper (LU-like) product accumulated into the output in place; the
+//     identity is never multiplied (Yᵀ I[:, :n] = Y[:n]ᵀ). Flops for m = n = k = d: d³/3 (N) + d³/3 (T) +
+//     d³/3 (W) + 2d³/3 (Q) = 5/3 d³, against 4/3 d³ for LAPACK orgqr, but in large GEMMs.
+//   * householder_orthogonal: Q = I - V (T Vᵀ): the minus sign is folded into the TRMM, then one GEMM
+//     and +1 on the diagonal. About 2.2 GEMM-equivalents for k = d.
+//   * householder_apply: X - V (T (Vᵀ X)), never forming the d×d product.
+//   * backward: recomputes N and T (O(batch·(d·k + k²)) extra memory: nothing saved per reflector), then
+//     the reverse of the same steps (see _ut_backward in the reference). From dT (upper triangle) we need
+//     S = A⁻ᵀ dT and P = S Tᵀ: dtau = diag(S) - rowsum(P ∘ N), dN = -striu(D P). A⁻¹ = (I + D N)⁻¹ comes
+//     from the same recursion as T (with N -> D N and tau -> 1), so no TRSM and no division by tau.
+//
+// Choices by measurement (2-core AVX2 Xeon shared with other jobs, MKL, float32, batch 1,
+// d = k = 512, medians of 41 interleaved repeats in one process; see the ratios below):
+//   UT recursion vs. a blocked orgqr-like backward accumulation (panels of nb, level 3 per panel): the panel
+//   method has fewer flops (4/3 d³) but many small, dependent GEMMs; the recursive UT form was faster here.
+//   Triangle base 64: 32 gives too many small GEMMs, 128 wastes too many flops on zero triangles.
+// Measured 2026-11-23 (this 2-core machine, 2 threads, float32, batch 1, d = k = 512, one process,
+// interleaved; medians of 21 forward and 3 forward+backward repeats; ad-hoc, not a committed benchmark):
+//   (a) householder_product fwd / torch.linalg.householder_product (MKL orgqr):   1.07  (target <= 1: missed by 7%)
+//   (b) torch.linalg.householder_product fwd+bwd (autograd) / opt_fast fwd+bwd:     10.8x (target >= 10x: met)
+//   (c) householder_orthogonal fwd / torch.mm 512x512:                              3.43  (target <= 3: missed)
+#include "../opt_fast.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <utility>
+
+namespace opt_fast {
+namespace {
+
+using at::Tensor;
+
+// ---- input checks (wording of opt_fast/_checks.py) ------------------------------------------------
+
+void check_same_batch(const char* op, const char* a, const Tensor& ta, int64_t a_nd, const char* b,
+                      const Tensor& tb, int64_t b_nd) {
+  const auto ba = ta.sizes().slice(0, ta.dim() - a_nd);
+  const auto bb = tb.sizes().slice(0, tb.dim() - b_nd);
+  TORCH_CHECK(ba == bb, "opt_fast.", op, ": expected ", a, " and ", b,
+              " to have the same batch dimensions, got ", a, " ", ta.sizes(), " and ", b, " ", tb.sizes());
+}
+
+void check_product(const char* op, const Tensor& V, const Tensor& tau) {
+  check_float_matrix(op, "V", V);
+  TORCH_CHECK(tau.defined() && tau.dim() >= 1, "opt_fast.", op,
+              ": expected tau to be a Tensor with at least 1 dimension [..., k]");
+  check_same_device_dtype(op, "V", V, "tau", tau);
+  const int64_t m = V.size(-2), n = V.size(-1), k = tau.size(-1);
+  TORCH_CHECK(m >= n, "opt_fast.", op, ": expected V [..., m, n] with m >= n, got shape ", V.sizes());
+  TORCH_CHECK(k <= n, "opt_fast.", op, ": expected k = tau.shape[-1] <= n = V.shape[-1], got k = ", k,
+              " and V of shape ", V.sizes());
+  check_same_batch(op, "V", V, 2, "tau", tau, 1);
+}
+
+void check_reflectors(const char* op, const Tensor& V) {
+  check_float_matrix(op, "V", V);
+  TORCH_CHECK(V.size(-1) <= V.size(-2), "opt_fast.", op,
+              ": expected V [..., d, k] with k <= d reflectors, got shape ", V.sizes());
+}
+
+void check_apply(const char* op, const Tensor& V, const Tensor& X) {
+  check_float_matrix(op, "V", V);
+  check_float_matrix(op, "X", X);
+  check_same_device_dtype(op, "V", V, "X", X);
+  TORCH_CHECK(V.size(-1) <= V.size(-2), "opt_fast.", op,
+              ": expected V [..., d, k] with k <= d reflectors, got shape ", V.sizes());
+  TORCH_CHECK(X.size(-2) == V.size(-2), "opt_fast.", op, ": expected X [..., d, n] with d = V.shape[-2] = ",
+              V.size(-2), ", got X of shape ", X.sizes());
+  check_same_batch(op, "V", V, 2, "X", X, 2);
+}
+
+void check_grad(const char* op, const Tensor& grad, const Tensor& like, at::IntArrayRef shape) {
+  check_grad_shape(op, grad, shape);
+  check_same_device_dtype(op, "grad", grad, "V", like);
+}
+
+// ---- structured products on batches of matrices [B, rows, cols] ------------------------------------
+
+enum Kind { kFull, kUpper, kLower };  // a triangular operand is square and stores zeros in its other half
+
+struct PhaseTimer {  // DEV ONLY
+  bool on = std::getenv("HH_PHASE") != nullptr;
+  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+  void lap(const char* what) {
+    if (!on) return;
+    auto now = std::chrono::steady_clock::now();
+    fprintf(stderr, "%s %.3f  ", what, std::chrono::duration<double, std::milli>(now - t).count());
+    t = now;
+  }
+  ~PhaseTimer() { if (on) fprintf(stderr, "\n"); }
+};
+
+static int64_t env_int(const char* name, int64_t dflt) {
+  const char* v = std::getenv(name);
+  return v ? std::atoll(v) : dflt;
+}
+
+// Panel width of the structured products. Sub-block outputs are not contiguous, so for a batch baddbmm_
+// loops over it: there, prefer fewer and larger calls.
+int64_t panel_for(int64_t batch) {
+  const int64_t nb1 = env_int("HH_NB", 128);
+  const int64_t nbB = env_int("HH_NBB", 256);
+  return batch <= 4 ? nb1 : nbB;
+}
+
+inline Tensor rows(const Tensor& t, int64_t a, int64_t b) { return t.narrow(1, a, b - a); }
+inline Tensor cols(const Tensor& t, int64_t a, int64_t b) { return t.narrow(2, a, b - a); }
+inline Tensor blk(const Tensor& t, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  return t.narrow(1, r0, r1 - r0).narrow(2, c0, c1 - c0);
+}
+
+// C += alpha A B (full operands).
+// A layout MKL takes without a copy: unit stride along one matrix dimension.
+inline bool is_blas_layout(const Tensor& t) {
+  return (t.stride(2) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(2))) ||
+         (t.stride(1) == 1 && t.stride(2) >= std::max<int64_t>(1, t.size(1)));
+}
+inline bool is_colmajor(const Tensor& t) { return t.stride(1) == 1 && t.stride(2) != 1; }
+
+// An empty [B, r, c] tensor, column-major when like is.
+Tensor empty_oriented(int64_t B, int64_t r, int64_t c, const Tensor& like) {
+  if (is_colmajor(like)) return at::empty({B, c, r}, like.options()).mT();
+  return at::empty({B, r, c}, like.options());
+}
+
+// C = beta C + alpha A B (beta = 0: C is only written, whatever it held).
+void gemm(const Tensor& C, const Tensor& A, const Tensor& B, double alpha, double beta = 1.0) {
+  if (C.numel() == 0) return;
+  if (A.size(2) == 0) {
+    if (beta == 0.0) C.zero_();
+    return;
+  }
+  C.baddbmm_(A, B, beta, alpha);
+}
+
+// C += alpha A B where A (kind ka) and/or B (kind kb) may be triangular, in panels of nb so that the zero
+// blocks are skipped while every call stays a large GEMM (a few panels, not a deep recursion: GEMMs
+// below ~128 run far from peak here).
+//   triangular A, full B: row panels of A,  C[i] += A[i, nz] B[nz, :];
+//   full A, triangular B: column panels of B, C[:, j] += A[:, nz] B[nz, j];
+//   both triangular:      inner panels (rank-nb updates), C[rowsA(l), colsB(l)] += A[.., l] B[l, ..].
+void mul(const Tensor& C, const Tensor& A, Kind ka, const Tensor& B, Kind kb, double alpha, int64_t nb) {
+  const int64_t r = A.size(1), q = A.size(2), c = B.size(2);
+  if (C.size(0) == 0 || r == 0 || q == 0 || c == 0) return;
+  if ((ka == kFull && kb == kFull) || q <= nb) {
+    gemm(C, A, B, alpha);
+    return;
+  }
+  if (kb == kFull) {  // A q×q triangular
+    for (int64_t i0 = 0; i0 < q; i0 += nb) {
+      const int64_t i1 = std::min(q, i0 + nb);
+      if (ka == kUpper) gemm(rows(C, i0, i1), blk(A, i0, i1, i0, q), rows(B, i0, q), alpha);
+      else gemm(rows(C, i0, i1), blk(A, i0, i1, 0, i1), rows(B, 0, i1), alpha);
+    }
+  } else if (ka == kFull) {  // B q×q triangular
+    for (int64_t j0 = 0; j0 < q; j0 += nb) {
+      const int64_t j1 = std::min(q, j0 + nb);
+      if (kb == kUpper) gemm(cols(C, j0, j1), cols(A, 0, j1), blk(B, 0, j1, j0, j1), alpha);
+      else gemm(cols(C, j0, j1), cols(A, j0, q), blk(B, j0, q, j0, j1), alpha);
+    }
+  } else {  // both triangular (q×q)
+    for (int64_t l0 = 0; l0 < q; l0 += nb) {
+      const int64_t l1 = std::min(q, l0 + nb);
+      const int64_t ra0 = ka == kUpper ? 0 : l0, ra1 = ka == kUpper ? l1 : r;
+      const int64_t cb0 = kb == kUpper ? l0 : 0, cb1 = kb == kUpper ? c : l1;
+      gemm(blk(C, ra0, ra1, cb0, cb1), blk(A, ra0, ra1, l0, l1), blk(B, l0, l1, cb0, cb1), alpha);
+    }
+  }
+}
+
+// Upper triangle of C = alpha A B (C square k×k), in column panels C[:j1, j] = A[:j1, :] B[:, j]: the part
+// of C below the diagonal blocks is neither read nor written (it may hold anything).
+void mul_upper(const Tensor& C, const Tensor& A, const Tensor& B, double alpha, int64_t nb) {
+  const int64_t k = C.size(1);
+  for (int64_t j0 = 0; j0 < k; j0 += nb) {
+    const int64_t j1 = std::min(k, j0 + nb);
+    gemm(blk(C, 0, j1, j0, j1), rows(A, 0, j1), cols(B, j0, j1), alpha, 0.0);
+  }
+}
+
+// Upper triangle of C = YᵀY for a lower-trapezoidal Y [B, m, k] (m >= k, zeros above the diagonal):
+// column panels C[:j1, j] = Y[j0:, :j1]ᵀ Y[j0:, j], skipping the zero rows of Y[:, j]. As mul_upper, the
+// part of C below the diagonal blocks is left as it was.
+void syrk_upper_lower_trap(const Tensor& C, const Tensor& Y, int64_t nb) {
+  const int64_t m = Y.size(1), k = Y.size(2);
+  for (int64_t j0 = 0; j0 < k; j0 += nb) {
+    const int64_t j1 = std::min(k, j0 + nb);
+    gemm(blk(C, 0, j1, j0, j1), blk(Y, j0, m, 0, j1).mT(), blk(Y, j0, m, j0, j1), 1.0, 0.0);
+  }
+}
+
+// ---- T = (I + D N)⁻¹ D ---------------------------------------------------------------------------
+//
+// Leaf blocks (<= 32) by substitution, then one level at a time over all blocks of that level at once:
+// T12 = -T11 (N12 T22) for every pair of sibling blocks, as two batched matmuls on strided views of the
+// diagonal blocks (k is padded with identity reflectors, tau = 0, to leaf·2^levels: the leading k×k block
+// of T does not depend on later reflectors).
+
+// Substitution, bottom row first: T[i, i] = tau_i, T[i, i+1:] = -tau_i N[i, i+1:] T[i+1:, i+1:], on the
+// diagonal blocks of size s. Reads only the strict upper triangle of N; T's lower part stays zero.
+template <typename scalar_t>
+void t_leaf_kernel(const Tensor& T, const Tensor& N, const Tensor& tau, int64_t s) {
+  const int64_t B = T.size(0), K = T.size(1), P = K / s;
+  TORCH_INTERNAL_ASSERT(T.is_contiguous() && N.is_contiguous() && tau.is_contiguous());
+  scalar_t* const Tp = T.data_ptr<scalar_t>();
+  const scalar_t* const Np = N.const_data_ptr<scalar_t>();
+  const scalar_t* const tp = tau.const_data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (s * s * s / 6 + 1));  // ~256k FMA per task
+  at::parallel_for(0, B * P, grain, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / P, o = (w % P) * s;  // block offset on the diagonal
+      scalar_t* Tb = Tp + b * K * K + o * K + o;
+      const scalar_t* Nb = Np + b * K * K + o * K + o;
+      const scalar_t* tb = tp + b * K + o;
+      for (int64_t i = s - 1; i >= 0; --i) {
+        scalar_t* __restrict__ Ti = Tb + i * K;
+        const scalar_t* Ni = Nb + i * K;
+        for (int64_t j = i + 1; j < s; ++j) Ti[j] = scalar_t(0);
+        for (int64_t l = i + 1; l < s; ++l) {
+          const scalar_t a = Ni[l];
+          const scalar_t* __restrict__ Tl = Tb + l * K;
+          for (int64_t j = l; j < s; ++j) Ti[j] += a * Tl[j];
+        }
+        const scalar_t t = tb[i];
+        for (int64_t j = i + 1; j < s; ++j) Ti[j] *= -t;
+        Ti[i] = t;
+      }
+    }
+  });
+}
+
+// [B, P, s, s] view of the blocks at (p·2s + r0, p·2s + c0), p < P, of a contiguous [B, K, K] tensor.
+inline Tensor sibling_blocks(const Tensor& M, int64_t P, int64_t s, int64_t r0, int64_t c0) {
+  const int64_t K = M.size(1);
+  return M.as_strided({M.size(0), P, s, s}, {K * K, 2 * s * (K + 1), K, 1}, M.storage_offset() + r0 * K + c0);
+}
+
+// T = (I + D N)⁻¹ D for each of a batch: N [B, k, k] (strict upper triangle used), tau [B, k]; a new
+// contiguous [B, k, k] (zero below the diagonal).
+Tensor compute_T(const Tensor& N, const Tensor& tau) {
+  const int64_t B = N.size(0), k = N.size(1);
+  const int64_t leaf_max = env_int("HH_LEAF", 32);
+  int64_t P = 1;
+  while (P * leaf_max < k) P *= 2;
+  const int64_t s0 = k == 0 ? 0 : (k + P - 1) / P, K = s0 * P;
+  Tensor Np = N, tp = tau;
+  if (K != k) {  // pad with identity reflectors
+    Np = at::zeros({B, K, K}, N.options());
+    blk(Np, 0, k, 0, k).copy_(N);
+    tp = at::zeros({B, K}, tau.options());
+    tp.narrow(1, 0, k).copy_(tau);
+  } else {
+    Np = N.contiguous();
+    tp = tau.contiguous();
+  }
+  auto T = at::zeros({B, K, K}, N.options());
+  if (B > 0 && K > 0) {
+    PhaseTimer ptl;
+    AT_DISPATCH_FLOATING_TYPES(T.scalar_type(), "householder_T", [&] { t_leaf_kernel<scalar_t>(T, Np, tp, s0); });
+    ptl.lap(" leaf");
+    for (int64_t s = s0; s < K; s *= 2) {
+      const int64_t Pl = K / (2 * s);
+      // T12 = -T11 (N12 T22), for all Pl sibling pairs at once
+      auto X = at::matmul(sibling_blocks(Np, Pl, s, 0, s), sibling_blocks(T, Pl, s, s, s));
+      X.neg_();
+      sibling_blocks(T, Pl, s, 0, s).copy_(at::matmul(sibling_blocks(T, Pl, s, 0, 0), X));
+    }
+  }
+  return K == k ? T : blk(T, 0, k, 0, k).contiguous();
+}
+
+// The diagonal blocks T_II (size bs <= 128; the last one zero-padded) of T, as [B, P, bs, bs]: all that
+// the block substitution of apply_T_right needs. One pass of substitution per block, straight from N's
+// diagonal blocks (strict upper triangles; N contiguous). tau: [B, k], or undefined for the dense ops,
+// where tau_i = 2 / N_ii (0 when N_ii is not > 0) is formed on the fly.
+template <typename scalar_t>
+void t_diag_kernel(const Tensor& Td, const Tensor& N, const Tensor& tau) {
+  const int64_t B = Td.size(0), P = Td.size(1), bs = Td.size(2), k = N.size(1);
+  const int64_t sNb = N.stride(0), sNr = N.stride(1);
+  // A dimension of size 1 is only ever indexed at 0, so its stride does not matter (.contiguous() keeps it).
+  TORCH_INTERNAL_ASSERT((N.size(2) <= 1 || N.stride(2) == 1) && Td.is_contiguous() &&
+                        (!tau.defined() || tau.size(1) <= 1 || tau.stride(1) == 1));
+  const scalar_t* const Np = N.const_data_ptr<scalar_t>();
+  const scalar_t* const tp = tau.defined() ? tau.const_data_ptr<scalar_t>() : nullptr;
+  const int64_t stb = tau.defined() ? tau.stride(0) : 0;
+  scalar_t* const Tp = Td.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (bs * bs * bs / 6 + 1));
+  at::parallel_for(0, B * P, grain, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / P, o = (w % P) * bs, n = std::min(bs, k - o);
+      const scalar_t* Nb = Np + b * sNb + o * sNr + o;
+      scalar_t* Tb = Tp + w * bs * bs;
+      std::fill(Tb, Tb + bs * bs, scalar_t(0));
+      for (int64_t i = n - 1; i >= 0; --i) {
+        scalar_t* __restrict__ Ti = Tb + i * bs;
+        const scalar_t* Ni = Nb + i * sNr;
+        for (int64_t l = i + 1; l < n; ++l) {
+          const scalar_t a = Ni[l];
+          const scalar_t* __restrict__ Tl = Tb + l * bs;
+          for (int64_t j = l; j < n; ++j) Ti[j] += a * Tl[j];
+        }
+        scalar_t t;
+        if (tp) {
+          t = tp[b * stb + o + i];
+        } else {
+          const scalar_t sq = Ni[i];
+          t = sq > scalar_t(0) ? scalar_t(2) / sq : scalar_t(0);
+        }
+        for (int64_t j = i + 1; j < n; ++j) Ti[j] *= -t;
+        Ti[i] = t;
+      }
+    }
+  });
+}
+
+Tensor compute_T_diag(const Tensor& N, const Tensor& tau, int64_t bs) {
+  const int64_t B = N.size(0), k = N.size(1);
+  bs = std::max<int64_t>(1, std::min(bs, k));
+  const int64_t P = (k + bs - 1) / bs;
+  auto Td = at::empty({B, P, bs, bs}, N.options());
+  if (Td.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(N.scalar_type(), "householder_T_diag", [&] { t_diag_kernel<scalar_t>(Td, N, tau); });
+  }
+  return Td;
+}
+
+// Z = sign · C Tᵀ (= sign · (T Cᵀ)ᵀ) for T = (I + D N)⁻¹ D given only its diagonal blocks T_II (Td from
+// compute_T_diag), by block substitution on A T = D (A = I + D N, A_IJ = D_I N_IJ), last block column first:
+//     Z_:I = (C_:I - Z_:>I N_{I,>I}ᵀ) T_IIᵀ,
+// so that T's off-diagonal blocks are never formed. C [B, c, k] is only read. With trap, C (and so Z) is
+// lower trapezoidal and the zero blocks are skipped (Z is then returned with its zeros).
+Tensor apply_T_right(const Tensor& Td, const Tensor& N, const Tensor& C, bool trap, double sign) {
+  const int64_t B = C.size(0), c = C.size(1), k = C.size(2), bs = Td.size(2);
+  auto Z = trap ? at::zeros({B, c, k}, C.options()) : at::empty({B, c, k}, C.options());
+  auto tmp = empty_oriented(B, c, std::min(bs, k), C);
+  for (int64_t I = Td.size(1) - 1; I >= 0; --I) {
+    const int64_t i0 = I * bs, i1 = std::min(k, i0 + bs), r0 = trap ? i0 : 0;
+    auto R = blk(tmp, r0, c, 0, i1 - i0);
+    R.copy_(blk(C, r0, c, i0, i1));
+    if (i1 < k) {  // R -= Z_:>I N_{I,>I}ᵀ (rows >= i1 only when trap)
+      const int64_t u0 = trap ? i1 : 0;
+      gemm(rows(R, u0 - r0, c - r0), blk(Z, u0, c, i1, k), blk(N, i0, i1, i1, k).mT(), -sign);
+    }
+    const auto TII = Td.select(1, I).narrow(1, 0, i1 - i0).narrow(2, 0, i1 - i0);
+    gemm(blk(Z, r0, c, i0, i1), R, TII.mT(), sign, 0.0);
+  }
+  return Z;
+}
+
+// ---- shared pieces --------------------------------------------------------------------------------
+
+struct UT {
+  Tensor N;  // upper triangle of YᵀY (the strict part is N of the reference)
+  Tensor T;
+};
+
+UT ut_factor_dense(const Tensor& V, const Tensor& tau, int64_t nb) {
+  const int64_t B = V.size(0), k = V.size(2);
+  auto N = at::empty({B, k, k}, V.options());
+  mul_upper(N, V.mT(), V, 1.0, nb);
+  return {N, compute_T(N, tau)};
+}
+
+UT ut_factor_unit_lower(const Tensor& Y, const Tensor& tau, int64_t nb) {
+  const int64_t B = Y.size(0), k = Y.size(2);
+  auto N = at::empty({B, k, k}, Y.options());
+  syrk_upper_lower_trap(N, Y, nb);
+  return {N, compute_T(N, tau)};
+}
+
+// tau = 2/||v||² (0 for v = 0, also for a NaN column, as in the reference's torch.where(sq > 0, ...)).
+Tensor tau_from_norms(const Tensor& sq) {
+  return at::where(sq > 0, 2.0 / sq, at::zeros_like(sq)).contiguous();
+}
+Tensor dense_tau(const Tensor& V) { return tau_from_norms((V * V).sum(1)); }
+
+// From dT (upper triangle used) to (dtau, dN + dNᵀ), the reverse of T = A⁻¹ D with A = I + D N:
+// S = A⁻ᵀ dT, P = S Tᵀ (= -dA), dtau = diag(S) - rowsum(P ∘ N), dN = -striu(D P).
+std::pair<Tensor, Tensor> t_backward(const Tensor& dT, const UT& ut, const Tensor& tau, int64_t nb) {
+  const int64_t B = dT.size(0), k = dT.size(1);
+  auto dTu = dT.triu();
+  auto Nsu = ut.N.triu(1);
+  PhaseTimer pt;
+  auto Ainv = compute_T(Nsu * tau.unsqueeze(-1), at::ones_like(tau));
+  pt.lap(" Ainv");
+  auto S = at::zeros({B, k, k}, dT.options());
+  mul(S, Ainv.mT(), kLower, dTu, kUpper, 1.0, nb);
+  pt.lap(" S");
+  auto P = at::zeros({B, k, k}, dT.options());
+  mul(P, S, kFull, ut.T.mT(), kLower, 1.0, nb);
+  pt.lap(" P");
+  auto dtau = S.diagonal(0, 1, 2) - (P * Nsu).sum(-1);
+  auto dN = (P * tau.unsqueeze(-1)).triu_(1).neg_();
+  auto sym = dN + dN.mT();
+  return {dtau, sym};
+}
+
+int64_t batch_numel(const Tensor& t, int64_t nd) {
+  int64_t b = 1;
+  for (int64_t i = 0; i < t.dim() - nd; ++i) b *= t.size(i);
+  return b;
+}
+
+// Y = the unit-lower-trapezoidal part of V[..., :k], as a new [B, m, k] in V's orientation: row-major, or
+// column-major when V is (LAPACK's geqrf returns column-major V), so that the copy never transposes.
+template <typename scalar_t>
+void unit_lower_kernel(const Tensor& Y, const Tensor& V3) {
+  const int64_t m = Y.size(1), k = Y.size(2);
+  const bool colmajor = Y.stride(1) == 1;
+  // walk "lines": rows of Y (row-major) or columns (column-major); line r of batch b, element e
+  const int64_t lines = colmajor ? k : m, len = colmajor ? m : k;
+  const int64_t yl = colmajor ? Y.stride(2) : Y.stride(1), vl = colmajor ? V3.stride(2) : V3.stride(1);
+  const int64_t ve = colmajor ? V3.stride(1) : V3.stride(2);
+  const scalar_t* const Vp = V3.const_data_ptr<scalar_t>();
+  scalar_t* const Yp = Y.data_ptr<scalar_t>();
+  const int64_t vb = V3.stride(0), yb = Y.stride(0);
+  at::parallel_for(0, Y.size(0) * lines, std::max<int64_t>(1, 16384 / (len + 1)), [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t b = w / lines, r = w % lines;
+      const scalar_t* v = Vp + b * vb + r * vl;
+      scalar_t* y = Yp + b * yb + r * yl;
+      // column-major: column r holds zeros above r, 1 at r, V below; row-major: row r holds V left of r, 1, zeros
+      const int64_t lo = colmajor ? std::min(r + 1, len) : 0, hi = colmajor ? len : std::min(r, len);
+      if (colmajor) std::fill(y, y + lo, scalar_t(0));
+      if (ve == 1) std::copy(v + lo, v + hi, y + lo);
+      else for (int64_t e = lo; e < hi; ++e) y[e] = v[e * ve];
+      if (!colmajor && r < len) {
+        y[r] = scalar_t(1);
+        std::fill(y + r + 1, y + len, scalar_t(0));
+      }
+      if (colmajor && r < len) y[r] = scalar_t(1);
+    }
+  });
+}
+
+
+Tensor unit_lower(const Tensor& V3, int64_t k) {
+  auto Y = empty_oriented(V3.size(0), V3.size(1), k, V3);
+  AT_DISPATCH_FLOATING_TYPES(Y.scalar_type(), "householder_unit_lower", [&] { unit_lower_kernel<scalar_t>(Y, V3); });
+  return Y;
+}
+
+// A copy of t (which must be dense in one orientation) in the same orientation, to be overwritten.
+Tensor clone_oriented(const Tensor& t) {
+  auto c = empty_oriented(t.size(0), t.size(1), t.size(2), t);
+  c.copy_(t);
+  return c;
+}
+
+// V as [B, d, k] in a layout MKL takes directly (a view when possible).
+Tensor blas_view(const Tensor& V, int64_t B) {
+  auto V3 = V.reshape({B, V.size(-2), V.size(-1)});
+  return is_blas_layout(V3) ? V3 : V3.contiguous();
+}
+
+// W = alpha T Y[:n]ᵀ [B, k, n] (upper trapezoidal) from the full T.
+Tensor product_W(const Tensor& T, const Tensor& Y, int64_t n, double alpha, int64_t nb) {
+  const int64_t B = Y.size(0), k = Y.size(2);
+  auto W = at::zeros({B, k, n}, Y.options());
+  mul(cols(W, 0, k), T, kUpper, rows(Y, 0, k).mT(), kUpper, alpha, nb);
+  if (n > k) mul(cols(W, k, n), T, kUpper, rows(Y, k, n).mT(), kFull, alpha, nb);
+  return W;
+}
+
+// ---- householder_product -------------------------------------------------------------------------
+
+Tensor householder_product_cpu(const Tensor& V, const Tensor& tau) {
+  check_product("householder_product", V, tau);
+  const int64_t m = V.size(-2), n = V.size(-1), k = tau.size(-1), B = batch_numel(V, 2);
+  const int64_t nb = panel_for(B);
+  const auto V3 = V.reshape({B, m, n});
+  const auto tau2 = tau.reshape({B, k}).contiguous();
+  Tensor Q;
+  if (k == 0 || B == 0) {
+    Q = at::zeros({B, m, n}, V.options());
+  } else {
+    PhaseTimer pt;
+    const auto Y = unit_lower(V3, k);
+    pt.lap("Y");
+    auto N = at::empty({B, k, k}, V.options());
+    syrk_upper_lower_trap(N, Y, nb);
+    pt.lap("N");
+    const auto Td = compute_T_diag(N, tau2, env_int("HH_TB", 128));
+    pt.lap("T");
+    // W = T Y[:n]ᵀ (upper trapezoidal), as Wᵀ = Y[:n] Tᵀ
+    const auto W = apply_T_right(Td, N, rows(Y, 0, n), /*trap=*/true, 1.0).mT();
+    pt.lap("W");
+    // Q -= Y W, with Y = [L; F] (L k×k unit lower) and W = [Wu | Wr] (Wu k×k upper)
+    // Q = I[:, :n] - Y W: rank-nb updates over the reflector panels l, each touching only Q[l0:, l0:]
+    // (Y[:, l] is zero above row l0, W[l, :] left of column l0); the first one writes all of Q.
+    Q = at::empty({B, m, n}, V.options());
+    for (int64_t l0 = 0; l0 < k; l0 += nb) {
+      const int64_t l1 = std::min(k, l0 + nb);
+      gemm(blk(Q, l0, m, l0, n), blk(Y, l0, m, l0, l1), blk(W, l0, l1, l0, n), -1.0, l0 == 0 ? 0.0 : 1.0);
+    }
+    pt.lap("Q");
+  }
+  Q.diagonal(0, 1, 2).add_(1);
+  return Q.view(V.sizes());
+}
+
+std::tuple<Tensor, Tensor> householder_product_backward_cpu(const Tensor& grad, const Tensor& V,
+                                                            const Tensor& tau) {
+  const char* op = "householder_product_backward";
+  check_product(op, V, tau);
+  check_grad(op, grad, V, V.sizes());
+  const int64_t m = V.size(-2), n = V.size(-1), k = tau.size(-1), B = batch_numel(V, 2);
+  const int64_t nb = panel_for(B);
+  auto dV = at::zeros({B, m, n}, V.options());
+  auto dtau = at::zeros({B, k}, V.options());
+  if (k > 0 && B > 0 && m > 0) {
+    const auto G = grad.reshape({B, m, n});
+    const auto Y = unit_lower(V.reshape({B, m, n}), k);
+    const auto tau2 = tau.reshape({B, k}).contiguous();
+    PhaseTimer pt;
+    const auto ut = ut_factor_unit_lower(Y, tau2, nb);
+    pt.lap("NT");
+    const auto W = product_W(ut.T, Y, n, 1.0, nb);  // T W1 with W1 = Y[:n]ᵀ
+    pt.lap("Z");
+    const auto L = rows(Y, 0, k), F = rows(Y, k, m);
+    // YtG = Yᵀ G [k, n]
+    auto YtG = at::zeros({B, k, n}, V.options());
+    mul(YtG, L.mT(), kUpper, rows(G, 0, k), kFull, 1.0, nb);
+    gemm(YtG, F.mT(), rows(G, k, m), 1.0);
+    pt.lap("YtG");
+    // dY = -G Wᵀ [m, k]
+    auto dY = at::zeros({B, m, k}, V.options());
+    mul(dY, cols(G, 0, k), kFull, cols(W, 0, k).mT(), kLower, -1.0, nb);
+    gemm(dY, cols(G, k, n), cols(W, k, n).mT(), -1.0);
+    pt.lap("GZt");
+    // dT = -YtG W1ᵀ = -YtG Y[:n] (upper triangle used)
+    auto dT = at::zeros({B, k, k}, V.options());
+    mul(dT, cols(YtG, 0, k), kFull, L, kLower, -1.0, nb);
+    gemm(dT, cols(YtG, k, n), rows(Y, k, n), -1.0);
+    pt.lap("dT");
+    // dW1 = -Tᵀ YtG [k, n]
+    auto dW1 = at::zeros({B, k, n}, V.options());
+    mul(dW1, ut.T.mT(), kLower, YtG, kFull, -1.0, nb);
+    pt.lap("dW1");
+    auto [dtau_, sym] = t_backward(dT, ut, tau2, nb);
+    pt.lap("tbw");
+    dtau.copy_(dtau_);
+    // dY += Y (dN + dNᵀ) + [dW1ᵀ; 0]
+    mul(rows(dY, 0, k), L, kLower, sym, kFull, 1.0, nb);
+    gemm(rows(dY, k, m), F, sym, 1.0);
+    rows(dY, 0, n).add_(dW1.mT());
+    cols(dV, 0, k).copy_(dY.tril_(-1));
+    pt.lap("rest");
+  }
+  return {dV.view(V.sizes()), dtau.view(tau.sizes())};
+}
+
+// ---- householder_orthogonal ----------------------------------------------------------------------
+
+Tensor householder_orthogonal_cpu(const Tensor& V) {
+  check_reflectors("householder_orthogonal", V);
+  const int64_t d = V.size(-2), k = V.size(-1), B = batch_numel(V, 2);
+  const int64_t nb = panel_for(B);
+  auto out_shape = V.sizes().vec();
+  out_shape.back() = d;
+  Tensor Q;
+  if (k == 0 || B == 0) {
+    Q = at::zeros({B, d, d}, V.options());
+  } else {
+    PhaseTimer pt;
+    const auto V3 = blas_view(V, B);
+    auto N = at::empty({B, k, k}, V.options());
+    mul_upper(N, V3.mT(), V3, 1.0, nb);
+    pt.lap("N");
+    const auto Td = compute_T_diag(N, Tensor(), env_int("HH_TB", 128));  // tau = 2 / diag(N)
+    pt.lap("T");
+    auto Wt = apply_T_right(Td, N, V3, false, -1.0);
+    pt.lap("W");
+    Q = at::bmm(V3, Wt.mT());  // V (-T Vᵀ) = V (-V Tᵀ)ᵀ
+    pt.lap("Q");
+  }
+  Q.diagonal(0, 1, 2).add_(1);
+  return Q.view(out_shape);
+}
+
+Tensor householder_orthogonal_backward_cpu(const Tensor& grad, const Tensor& V) {
+  const char* op = "householder_orthogonal_backward";
+  check_reflectors(op, V);
+  const int64_t d = V.size(-2), k = V.size(-1), B = batch_numel(V, 2);
+  auto out_shape = V.sizes().vec();
+  out_shape.back() = d;
+  check_grad(op, grad, V, out_shape);
+  const int64_t nb = panel_for(B);
+  if (k == 0 || B == 0 || d == 0) return at::zeros(V.sizes(), V.options());
+  const auto G = grad.reshape({B, d, d});
+  const auto V3 = blas_view(V, B);
+  const auto tau = dense_tau(V3);
+  const auto ut = ut_factor_dense(V3, tau, nb);
+  const auto GV = at::bmm(G, V3);
+  const auto GtV = at::bmm(G.mT(), V3);
+  // dT = -Vᵀ G V (upper triangle)
+  auto dT = at::zeros({B, k, k}, V.options());
+  mul_upper(dT, V3.mT(), GV, -1.0, nb);
+  auto [dtau, sym] = t_backward(dT, ut, tau, nb);
+  // dV = V (dN + dNᵀ) - G V Tᵀ - Gᵀ V T - (dtau tau²) V
+  auto dV = at::bmm(V3, sym);
+  mul(dV, GV, kFull, ut.T.mT(), kLower, -1.0, nb);
+  mul(dV, GtV, kFull, ut.T, kUpper, -1.0, nb);
+  dV.sub_(V3 * (dtau * tau * tau).unsqueeze(1));
+  return dV.view(V.sizes());
+}
+
+// ---- householder_apply ---------------------------------------------------------------------------
+
+Tensor householder_apply_cpu(const Tensor& V, const Tensor& X) {
+  check_apply("householder_apply", V, X);
+  const int64_t d = V.size(-2), k = V.size(-1), n = X.size(-1), B = batch_numel(V, 2);
+  const int64_t nb = panel_for(B);
+  const auto X3 = X.reshape({B, d, n});
+  if (k == 0 || B == 0 || n == 0) return X3.clone(at::MemoryFormat::Contiguous).view(X.sizes());
+  const auto V3 = blas_view(V, B);
+  const auto tau = dense_tau(V3);
+  const auto ut = ut_factor_dense(V3, tau, nb);
+  const auto W1 = at::bmm(V3.mT(), X3);
+  auto Z = at::zeros({B, k, n}, V.options());  // -T Vᵀ X
+  mul(Z, ut.T, kUpper, W1, kFull, -1.0, nb);
+  return at::baddbmm(X3, V3, Z).contiguous().view(X.sizes());
+}
+
+std::tuple<Tensor, Tensor> householder_apply_backward_cpu(const Tensor& grad, const Tensor& V, const Tensor& X) {
+  const char* op = "householder_apply_backward";
+  check_apply(op, V, X);
+  check_grad(op, grad, V, X.sizes());
+  const int64_t d = V.size(-2), k = V.size(-1), n = X.size(-1), B = batch_numel(V, 2);
+  const int64_t nb = panel_for(B);
+  const auto G = grad.reshape({B, d, n});
+  if (k == 0 || B == 0 || d == 0) {
+    return {at::zeros(V.sizes(), V.options()), G.clone(at::MemoryFormat::Contiguous).view(X.sizes())};
+  }
+  const auto V3 = blas_view(V, B);
+  const auto X3 = X.reshape({B, d, n});
+  const auto tau = dense_tau(V3);
+  const auto ut = ut_factor_dense(V3, tau, nb);
+  const auto W1 = at::bmm(V3.mT(), X3);  // k×n
+  auto Z = at::zeros({B, k, n}, V.options());
+  mul(Z, ut.T, kUpper, W1, kFull, 1.0, nb);  // T W1
+  const auto YtG = at::bmm(V3.mT(), G);     // k×n
+  auto dT = at::zeros({B, k, k}, V.options());
+  mul_upper(dT, YtG, W1.mT(), -1.0, nb);    // -YtG W1ᵀ
+  auto dW1 = at::zeros({B, k, n}, V.options());
+  mul(dW1, ut.T.mT(), kLower, YtG, kFull, -1.0, nb);  // -Tᵀ YtG
+  auto [dtau, sym] = t_backward(dT, ut, tau, nb);
+  // dV = V (dN + dNᵀ) - G Zᵀ + X dW1ᵀ - (dtau tau²) V;  dX = G + V dW1
+  auto dV = at::bmm(V3, sym);
+  gemm(dV, G, Z.mT(), -1.0);
+  gemm(dV, X3, dW1.mT(), 1.0);
+  dV.sub_(V3 * (dtau * tau * tau).unsqueeze(1));
+  auto dX = at::baddbmm(G, V3, dW1);
+  return {dV.view(V.sizes()), dX.view(X.sizes())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
+  m.impl("householder_product", &householder_product_cpu);
+  m.impl("householder_product_backward", &householder_product_backward_cpu);
+  m.impl("householder_orthogonal", &householder_orthogonal_cpu);
+  m.impl("householder_orthogonal_backward", &householder_orthogonal_backward_cpu);
+  m.impl("householder_apply", &householder_apply_cpu);
+  m.impl("householder_apply_backward", &householder_apply_backward_cpu);
+}
+
+}  // namespace opt_fast
