@@ -2,47 +2,55 @@
 // householder_orthogonal and householder_apply, forward and backward.
 //
 // Algorithm: the UT / compact-WY form of opt_fast/reference/householder.py (the spec),
-//     H_1 ... H_k = I - Y T Yᵀ,   T = (I + D N)⁻¹ D,   D = diag(tau),  N = striu(YᵀY),
-// all level 3, with the triangular structure exploited by recursion instead of a loop over reflectors:
-//   * N: only the upper triangle of YᵀY, by recursive halving (SYRK-like; for the unit-lower-trapezoidal
-//     Y of householder_product also skipping the zero rows above each column block);
-//   * T: recursive, T = [T11, -T11 N12 T22; 0, T22] (no division by tau, so tau = 0 needs no special case),
-//     the two products with triangular factors being recursive TRMMs; blocks of <= 32 by substitution;
-//   * products with a triangular factor (T, Tᵀ, the unit-lower Y, Y[:n]ᵀ, the upper-trapezoidal T Y[:n]ᵀ)
-//     by recursive halving down to 64 (or more for batches) with at::baddbmm_ on sub-blocks, in place, so
-//     zero blocks are skipped and nothing of size d×d is allocated beyond the outputs;
-//   * householder_product: W = T Y[:n]ᵀ is upper trapezoidal (triangle × triangle), and
-//     Q = I[:, :n] - Y W is a lower × upper (LU-like) product accumulated into the output in place; the
-//     identity is never multiplied (Yᵀ I[:, :n] = Y[:n]ᵀ). Flops for m = n = k = d: d³/3 (N) + d³/3 (T) +
-//     d³/3 (W) + 2d³/3 (Q) = 5/3 d³, against 4/3 d³ for LAPACK orgqr, but in large GEMMs.
-//   * householder_orthogonal: Q = I - V (T Vᵀ): the minus sign is folded into the TRMM, then one GEMM
-//     and +1 on the diagonal. About 2.2 GEMM-equivalents for k = d.
+//     H_1 ... H_k = I - Y T Yᵀ,   T = (I + D N)⁻¹ D = A⁻¹ D,   D = diag(tau),  N = striu(YᵀY),
+// level 3 throughout (no loop over reflectors), never dividing by tau (tau = 0 needs no special case),
+// and exploiting the triangular structure with a few wide panels (nb = 128; 256 for batches > 4) rather
+// than a deep recursion: on this machine GEMMs below ~128 run far from peak, so every call is kept large.
+//   * N: upper triangle of YᵀY only, in column panels (SYRK-like); for the unit-lower-trapezoidal Y of
+//     householder_product the zero rows above each panel are skipped too.
+//   * T is never formed in the forward: only its diagonal blocks T_II (96×96, one substitution pass per
+//     block straight from N), then W = T Yᵀ by block substitution on A W = D Yᵀ,
+//         W_I = T_II (Yᵀ_I - N_{I,>I} W_{>I}),   last block first,
+//     which costs the same as a TRMM with the full T and saves forming T's off-diagonal blocks.
+//   * householder_product: Y[:n]ᵀ is upper trapezoidal, so W is; Q = I[:, :n] - Y W is an LU-like
+//     product done as rank-nb updates into the output (the first one writes it, so no zero fill), and the
+//     identity is never multiplied (Yᵀ I[:, :n] = Y[:n]ᵀ). Y is copied in V's own orientation (LAPACK's
+//     geqrf hands out column-major V), so the copy never transposes.
+//   * householder_orthogonal: Q = I - V W with the sign folded into W: one GEMM, then +1 on the diagonal;
+//     tau = 2 / diag(VᵀV) comes for free from N.
 //   * householder_apply: X - V (T (Vᵀ X)), never forming the d×d product.
-//   * backward: recomputes N and T (O(batch·(d·k + k²)) extra memory: nothing saved per reflector), then
-//     the reverse of the same steps (see _ut_backward in the reference). From dT (upper triangle) we need
-//     S = A⁻ᵀ dT and P = S Tᵀ: dtau = diag(S) - rowsum(P ∘ N), dN = -striu(D P). A⁻¹ = (I + D N)⁻¹ comes
-//     from the same recursion as T (with N -> D N and tau -> 1), so no TRSM and no division by tau.
+//   * backward: recomputes N and, in one batched call, the full T and A⁻¹ = (I + D N)⁻¹ (leaves of 32 by
+//     substitution, then T12 = -T11 N12 T22 level by level as batched GEMMs over all sibling pairs); memory
+//     O(batch·(d·k + k²)) beyond inputs/outputs, nothing saved per reflector. Then the reverse of the same
+//     steps (_ut_backward of the reference): S = A⁻ᵀ dT (block-upper part only), P = S Tᵀ (upper part
+//     only), dtau = diag(S) - rowsum(P ∘ N), dN = -striu(D P), all without a TRSM; for householder_product
+//     only the strictly lower part of dY is formed.
 //
-// Choices by measurement (2-core AVX2 Xeon shared with other jobs, MKL, float32, batch 1,
-// d = k = 512, medians of 41 interleaved repeats in one process; see the ratios below):
-//   UT recursion vs. a blocked orgqr-like backward accumulation (panels of nb, level 3 per panel): the panel
-//   method has fewer flops (4/3 d³) but many small, dependent GEMMs; the recursive UT form was faster here.
-//   Triangle base 64: 32 gives too many small GEMMs, 128 wastes too many flops on zero triangles.
-// Measured 2026-11-23 (this 2-core machine, 2 threads, float32, batch 1, d = k = 512, one process,
-// interleaved; medians of 21 forward and 3 forward+backward repeats; ad-hoc, not a committed benchmark):
-//   (a) householder_product fwd / torch.linalg.householder_product (MKL orgqr):   1.07  (target <= 1: missed by 7%)
-//   (b) torch.linalg.householder_product fwd+bwd (autograd) / opt_fast fwd+bwd:     10.8x (target >= 10x: met)
-//   (c) householder_orthogonal fwd / torch.mm 512x512:                              3.43  (target <= 3: missed)
+// Choices, by measurement (AMD EPYC, 2 cores shared with other jobs, MKL, 2 threads, float32, batch 1,
+// d = k = 512; ratios of medians, interleaved in one process):
+//   * UT form vs a blocked orgqr-like backward accumulation (Q_{>=I} = Q_{>I} - Y_I T_II (Y_Iᵀ Q_{>I})):
+//     the same GEMM flops here (~2.25 GEMMs for householder_orthogonal, ~1.1 for householder_product with
+//     panels of 128), and the UT form measured 5-10% faster.
+//   * Deep recursion (triangles split down to 64, T down to 32 with ATen calls at every node): 2x slower
+//     than the panels, from ~150 small GEMM calls per op.
+//   * Panels 64 / 128 / 256: 128 best (64: too narrow; 256: too many flops on zero triangles).
+//   * Forward T: full T + TRMM vs diagonal blocks + substitution: the latter ~10% faster; T_II of 64, 96,
+//     128: 96 marginally best.
+// Measured 2026-11-23 (ad-hoc script, not a committed benchmark): per run, medians of 51 interleaved
+// forward repeats and of 7 torch / 21 opt_fast forward+backward repeats; six runs under a light load from
+// other jobs (load average 0.8-1.3), range over the runs:
+//   (a) householder_product fwd / torch.linalg.householder_product (MKL orgqr):   0.80 - 0.95   (target <= 1)
+//   (b) torch.linalg.householder_product fwd+bwd (autograd) / opt_fast fwd+bwd:  11.4x - 15.4x (target >= 10x)
+//       (torch 211-321 ms, opt_fast 16.5-23 ms)
+//   (c) householder_orthogonal fwd / torch.mm 512×512:                           2.68 - 2.90   (target <= 3)
+// Under heavier contention the many mid-size GEMMs suffer more than one mm or LAPACK call: margins shrink.
 #include "../opt_fast.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <utility>
 
 namespace opt_fast {
@@ -98,30 +106,15 @@ void check_grad(const char* op, const Tensor& grad, const Tensor& like, at::IntA
 
 enum Kind { kFull, kUpper, kLower };  // a triangular operand is square and stores zeros in its other half
 
-struct PhaseTimer {  // DEV ONLY
-  bool on = std::getenv("HH_PHASE") != nullptr;
-  std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
-  void lap(const char* what) {
-    if (!on) return;
-    auto now = std::chrono::steady_clock::now();
-    fprintf(stderr, "%s %.3f  ", what, std::chrono::duration<double, std::milli>(now - t).count());
-    t = now;
-  }
-  ~PhaseTimer() { if (on) fprintf(stderr, "\n"); }
-};
+// Panel width of the structured products: GEMMs much narrower than 128 run far from peak here, wider
+// panels waste flops on zero triangles. Sub-block outputs are not contiguous, so for a batch baddbmm_ loops
+// over it: there, prefer fewer and larger calls.
+constexpr int64_t kPanel = 128;
+inline int64_t panel_for(int64_t batch) { return batch <= 4 ? kPanel : 2 * kPanel; }
 
-static int64_t env_int(const char* name, int64_t dflt) {
-  const char* v = std::getenv(name);
-  return v ? std::atoll(v) : dflt;
-}
-
-// Panel width of the structured products. Sub-block outputs are not contiguous, so for a batch baddbmm_
-// loops over it: there, prefer fewer and larger calls.
-int64_t panel_for(int64_t batch) {
-  const int64_t nb1 = env_int("HH_NB", 128);
-  const int64_t nbB = env_int("HH_NBB", 256);
-  return batch <= 4 ? nb1 : nbB;
-}
+// Diagonal blocks of T formed for the forward substitution (apply_T_right).
+constexpr int64_t kTDiagBlock = 96;
+constexpr int64_t kMaxTDiagBlock = 128;
 
 inline Tensor rows(const Tensor& t, int64_t a, int64_t b) { return t.narrow(1, a, b - a); }
 inline Tensor cols(const Tensor& t, int64_t a, int64_t b) { return t.narrow(2, a, b - a); }
@@ -259,7 +252,7 @@ inline Tensor sibling_blocks(const Tensor& M, int64_t P, int64_t s, int64_t r0, 
 // contiguous [B, k, k] (zero below the diagonal).
 Tensor compute_T(const Tensor& N, const Tensor& tau) {
   const int64_t B = N.size(0), k = N.size(1);
-  const int64_t leaf_max = env_int("HH_LEAF", 32);
+  constexpr int64_t leaf_max = 32;
   int64_t P = 1;
   while (P * leaf_max < k) P *= 2;
   const int64_t s0 = k == 0 ? 0 : (k + P - 1) / P, K = s0 * P;
@@ -275,12 +268,17 @@ Tensor compute_T(const Tensor& N, const Tensor& tau) {
   }
   auto T = at::zeros({B, K, K}, N.options());
   if (B > 0 && K > 0) {
-    PhaseTimer ptl;
     AT_DISPATCH_FLOATING_TYPES(T.scalar_type(), "householder_T", [&] { t_leaf_kernel<scalar_t>(T, Np, tp, s0); });
-    ptl.lap(" leaf");
     for (int64_t s = s0; s < K; s *= 2) {
       const int64_t Pl = K / (2 * s);
       // T12 = -T11 (N12 T22), for all Pl sibling pairs at once
+      if (Pl == 1 && s > kPanel) {  // the top level: large enough for the triangles to pay
+        const auto T11 = blk(T, 0, s, 0, s), T22 = blk(T, s, K, s, K);
+        auto X = at::zeros({B, s, s}, T.options());
+        mul(X, blk(Np, 0, s, s, K), kFull, T22, kUpper, 1.0, kPanel);
+        mul(blk(T, 0, s, s, K), T11, kUpper, X, kFull, -1.0, kPanel);
+        continue;
+      }
       auto X = at::matmul(sibling_blocks(Np, Pl, s, 0, s), sibling_blocks(T, Pl, s, s, s));
       X.neg_();
       sibling_blocks(T, Pl, s, 0, s).copy_(at::matmul(sibling_blocks(T, Pl, s, 0, 0), X));
@@ -311,13 +309,18 @@ void t_diag_kernel(const Tensor& Td, const Tensor& N, const Tensor& tau) {
       const scalar_t* Nb = Np + b * sNb + o * sNr + o;
       scalar_t* Tb = Tp + w * bs * bs;
       std::fill(Tb, Tb + bs * bs, scalar_t(0));
+      scalar_t acc[kMaxTDiagBlock];
       for (int64_t i = n - 1; i >= 0; --i) {
-        scalar_t* __restrict__ Ti = Tb + i * bs;
+        scalar_t* Ti = Tb + i * bs;
         const scalar_t* Ni = Nb + i * sNr;
+        // acc = N[i, i+1:] T[i+1:, i+1:]; T's rows below are zero left of their diagonal, so every
+        // axpy runs over the same range (more flops than needed, but plain vectorizable loops)
+        const int64_t len = n - i - 1;
+        std::fill(acc, acc + len, scalar_t(0));
         for (int64_t l = i + 1; l < n; ++l) {
           const scalar_t a = Ni[l];
-          const scalar_t* __restrict__ Tl = Tb + l * bs;
-          for (int64_t j = l; j < n; ++j) Ti[j] += a * Tl[j];
+          const scalar_t* Tl = Tb + l * bs + i + 1;
+          for (int64_t j = 0; j < len; ++j) acc[j] += a * Tl[j];
         }
         scalar_t t;
         if (tp) {
@@ -326,7 +329,7 @@ void t_diag_kernel(const Tensor& Td, const Tensor& N, const Tensor& tau) {
           const scalar_t sq = Ni[i];
           t = sq > scalar_t(0) ? scalar_t(2) / sq : scalar_t(0);
         }
-        for (int64_t j = i + 1; j < n; ++j) Ti[j] *= -t;
+        for (int64_t j = 0; j < len; ++j) Ti[i + 1 + j] = -t * acc[j];
         Ti[i] = t;
       }
     }
@@ -335,7 +338,7 @@ void t_diag_kernel(const Tensor& Td, const Tensor& N, const Tensor& tau) {
 
 Tensor compute_T_diag(const Tensor& N, const Tensor& tau, int64_t bs) {
   const int64_t B = N.size(0), k = N.size(1);
-  bs = std::max<int64_t>(1, std::min(bs, k));
+  bs = std::max<int64_t>(1, std::min({bs, k, kMaxTDiagBlock}));
   const int64_t P = (k + bs - 1) / bs;
   auto Td = at::empty({B, P, bs, bs}, N.options());
   if (Td.numel() > 0) {
@@ -355,9 +358,10 @@ Tensor apply_T_right(const Tensor& Td, const Tensor& N, const Tensor& C, bool tr
   auto tmp = empty_oriented(B, c, std::min(bs, k), C);
   for (int64_t I = Td.size(1) - 1; I >= 0; --I) {
     const int64_t i0 = I * bs, i1 = std::min(k, i0 + bs), r0 = trap ? i0 : 0;
-    auto R = blk(tmp, r0, c, 0, i1 - i0);
-    R.copy_(blk(C, r0, c, i0, i1));
-    if (i1 < k) {  // R -= Z_:>I N_{I,>I}ᵀ (rows >= i1 only when trap)
+    Tensor R = blk(C, r0, c, i0, i1);
+    if (i1 < k) {  // R = C_:I - Z_:>I N_{I,>I}ᵀ (rows >= i1 only when trap)
+      R = blk(tmp, r0, c, 0, i1 - i0);
+      R.copy_(blk(C, r0, c, i0, i1));
       const int64_t u0 = trap ? i1 : 0;
       gemm(rows(R, u0 - r0, c - r0), blk(Z, u0, c, i1, k), blk(N, i0, i1, i1, k).mT(), -sign);
     }
@@ -369,49 +373,110 @@ Tensor apply_T_right(const Tensor& Td, const Tensor& N, const Tensor& C, bool tr
 
 // ---- shared pieces --------------------------------------------------------------------------------
 
-struct UT {
-  Tensor N;  // upper triangle of YᵀY (the strict part is N of the reference)
-  Tensor T;
-};
-
-UT ut_factor_dense(const Tensor& V, const Tensor& tau, int64_t nb) {
-  const int64_t B = V.size(0), k = V.size(2);
-  auto N = at::empty({B, k, k}, V.options());
-  mul_upper(N, V.mT(), V, 1.0, nb);
-  return {N, compute_T(N, tau)};
-}
-
-UT ut_factor_unit_lower(const Tensor& Y, const Tensor& tau, int64_t nb) {
-  const int64_t B = Y.size(0), k = Y.size(2);
-  auto N = at::empty({B, k, k}, Y.options());
-  syrk_upper_lower_trap(N, Y, nb);
-  return {N, compute_T(N, tau)};
-}
-
 // tau = 2/||v||² (0 for v = 0, also for a NaN column, as in the reference's torch.where(sq > 0, ...)).
 Tensor tau_from_norms(const Tensor& sq) {
   return at::where(sq > 0, 2.0 / sq, at::zeros_like(sq)).contiguous();
 }
-Tensor dense_tau(const Tensor& V) { return tau_from_norms((V * V).sum(1)); }
 
-// From dT (upper triangle used) to (dtau, dN + dNᵀ), the reverse of T = A⁻¹ D with A = I + D N:
-// S = A⁻ᵀ dT, P = S Tᵀ (= -dA), dtau = diag(S) - rowsum(P ∘ N), dN = -striu(D P).
-std::pair<Tensor, Tensor> t_backward(const Tensor& dT, const UT& ut, const Tensor& tau, int64_t nb) {
+// N = upper triangle of VᵀV for dense V (the diagonal holds ||v||²; below the diagonal blocks: anything).
+Tensor gram_upper(const Tensor& V3, int64_t nb) {
+  auto N = at::empty({V3.size(0), V3.size(2), V3.size(2)}, V3.options());
+  mul_upper(N, V3.mT(), V3, 1.0, nb);
+  return N;
+}
+
+// The backward's factors: T = (I + D N)⁻¹ D and A⁻¹ = (I + D N)⁻¹, in one batched compute_T call
+// (A⁻¹ is T for N -> D N, tau -> 1).
+std::pair<Tensor, Tensor> T_and_Ainv(const Tensor& N, const Tensor& tau) {
+  const int64_t B = N.size(0), k = N.size(1);
+  auto Ns = at::empty({2 * B, k, k}, N.options());
+  Ns.narrow(0, 0, B).copy_(N);
+  auto Ns2 = Ns.narrow(0, B, B);
+  at::mul_out(Ns2, N, tau.unsqueeze(-1));  // only the strict upper part is read
+  auto taus = at::cat({tau, at::ones_like(tau)}, 0);
+  auto TA = compute_T(Ns, taus);
+  return {TA.narrow(0, 0, B), TA.narrow(0, B, B)};
+}
+
+// C[:j1, j] = alpha A[:j1, j0:] B[j0:, j] for the column panels j: the upper triangle (diagonal blocks in
+// full) of alpha A B when B [q, k] (q >= k) is lower trapezoidal; below the diagonal blocks, C is untouched.
+void mul_upper_lower_trap(const Tensor& C, const Tensor& A, const Tensor& B, double alpha, int64_t nb) {
+  const int64_t q = B.size(1), k = B.size(2);
+  for (int64_t j0 = 0; j0 < k; j0 += nb) {
+    const int64_t j1 = std::min(k, j0 + nb);
+    gemm(blk(C, 0, j1, j0, j1), blk(A, 0, j1, j0, q), blk(B, j0, q, j0, j1), alpha, 0.0);
+  }
+}
+
+template <typename scalar_t>
+void zero_strict_lower_kernel(const Tensor& M) {
+  const int64_t k = M.size(1);
+  scalar_t* const p = M.data_ptr<scalar_t>();
+  at::parallel_for(0, M.size(0) * k, std::max<int64_t>(1, 32768 / (k + 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::fill(p + r * k, p + r * k + r % k, scalar_t(0));
+  });
+}
+
+// dtau_i = S_ii - Σ_{j>i} P_ij N_ij;  sym = dN + dNᵀ with dN_ij = -tau_i P_ij (i < j).
+template <typename scalar_t>
+void t_backward_tail_kernel(const Tensor& dtau, const Tensor& sym, const Tensor& S, const Tensor& P,
+                            const Tensor& N, const Tensor& tau) {
+  const int64_t k = S.size(1), kk = k * k;
+  const scalar_t *Sp = S.const_data_ptr<scalar_t>(), *Pp = P.const_data_ptr<scalar_t>();
+  const scalar_t *Np = N.const_data_ptr<scalar_t>(), *tp = tau.const_data_ptr<scalar_t>();
+  scalar_t *dp = dtau.data_ptr<scalar_t>(), *Yp = sym.data_ptr<scalar_t>();
+  at::parallel_for(0, S.size(0) * k, std::max<int64_t>(1, 16384 / (k + 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / k, i = r % k;
+      const scalar_t* Pi = Pp + b * kk + i * k;
+      const scalar_t* Ni = Np + b * kk + i * k;
+      scalar_t* sym_b = Yp + b * kk;
+      const scalar_t t = tp[r];
+      scalar_t acc = 0;
+      for (int64_t j = i + 1; j < k; ++j) {
+        acc += Pi[j] * Ni[j];
+        sym_b[i * k + j] = -t * Pi[j];
+      }
+      sym_b[i * k + i] = 0;
+      dp[r] = Sp[b * kk + i * k + i] - acc;
+    }
+  });
+  // mirror the strict upper triangle into the lower one, in 32×32 tiles
+  constexpr int64_t tile = 32;
+  const int64_t nt = (k + tile - 1) / tile;
+  at::parallel_for(0, S.size(0) * nt, std::max<int64_t>(1, 64 / (nt + 1)), [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      scalar_t* sym_b = Yp + (w / nt) * kk;
+      const int64_t j0 = (w % nt) * tile, j1 = std::min(k, j0 + tile);  // rows j of the lower triangle
+      for (int64_t i0 = 0; i0 < j1; i0 += tile) {
+        const int64_t i1 = std::min(i0 + tile, j1);
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t i = i0; i < std::min(i1, j); ++i) sym_b[j * k + i] = sym_b[i * k + j];
+      }
+    }
+  });
+}
+
+// From dT (upper triangle used; dT is overwritten) to (dtau, dN + dNᵀ), the reverse of T = A⁻¹ D with
+// A = I + D N:  S = A⁻ᵀ dT, P = S Tᵀ (= -dA), dtau = diag(S) - rowsum(P ∘ N), dN = -striu(D P).
+// Only the block-upper part of S and the upper triangle of P are formed. All inputs contiguous.
+std::pair<Tensor, Tensor> t_backward(const Tensor& dT, const Tensor& N, const Tensor& T, const Tensor& Ainv,
+                                     const Tensor& tau, int64_t nb) {
   const int64_t B = dT.size(0), k = dT.size(1);
-  auto dTu = dT.triu();
-  auto Nsu = ut.N.triu(1);
-  PhaseTimer pt;
-  auto Ainv = compute_T(Nsu * tau.unsqueeze(-1), at::ones_like(tau));
-  pt.lap(" Ainv");
-  auto S = at::zeros({B, k, k}, dT.options());
-  mul(S, Ainv.mT(), kLower, dTu, kUpper, 1.0, nb);
-  pt.lap(" S");
-  auto P = at::zeros({B, k, k}, dT.options());
-  mul(P, S, kFull, ut.T.mT(), kLower, 1.0, nb);
-  pt.lap(" P");
-  auto dtau = S.diagonal(0, 1, 2) - (P * Nsu).sum(-1);
-  auto dN = (P * tau.unsqueeze(-1)).triu_(1).neg_();
-  auto sym = dN + dN.mT();
+  AT_DISPATCH_FLOATING_TYPES(dT.scalar_type(), "householder_zero_lower", [&] { zero_strict_lower_kernel<scalar_t>(dT); });
+  auto S = at::empty({B, k, k}, dT.options());
+  const auto AinvT = Ainv.mT();
+  for (int64_t i0 = 0; i0 < k; i0 += nb) {  // S[i, i0:] = A⁻ᵀ[i, :i1] dT[:i1, i0:]
+    const int64_t i1 = std::min(k, i0 + nb);
+    gemm(blk(S, i0, i1, i0, k), blk(AinvT, i0, i1, 0, i1), blk(dT, 0, i1, i0, k), 1.0, 0.0);
+  }
+  auto P = at::empty({B, k, k}, dT.options());
+  mul_upper_lower_trap(P, S, T.mT(), 1.0, nb);
+  auto dtau = at::empty({B, k}, dT.options());
+  auto sym = at::empty({B, k, k}, dT.options());
+  AT_DISPATCH_FLOATING_TYPES(dT.scalar_type(), "householder_t_backward", [&] {
+    t_backward_tail_kernel<scalar_t>(dtau, sym, S, P, N.contiguous(), tau.contiguous());
+  });
   return {dtau, sym};
 }
 
@@ -460,13 +525,6 @@ Tensor unit_lower(const Tensor& V3, int64_t k) {
   return Y;
 }
 
-// A copy of t (which must be dense in one orientation) in the same orientation, to be overwritten.
-Tensor clone_oriented(const Tensor& t) {
-  auto c = empty_oriented(t.size(0), t.size(1), t.size(2), t);
-  c.copy_(t);
-  return c;
-}
-
 // V as [B, d, k] in a layout MKL takes directly (a view when possible).
 Tensor blas_view(const Tensor& V, int64_t B) {
   auto V3 = V.reshape({B, V.size(-2), V.size(-1)});
@@ -494,18 +552,12 @@ Tensor householder_product_cpu(const Tensor& V, const Tensor& tau) {
   if (k == 0 || B == 0) {
     Q = at::zeros({B, m, n}, V.options());
   } else {
-    PhaseTimer pt;
     const auto Y = unit_lower(V3, k);
-    pt.lap("Y");
     auto N = at::empty({B, k, k}, V.options());
     syrk_upper_lower_trap(N, Y, nb);
-    pt.lap("N");
-    const auto Td = compute_T_diag(N, tau2, env_int("HH_TB", 128));
-    pt.lap("T");
+    const auto Td = compute_T_diag(N, tau2, kTDiagBlock);
     // W = T Y[:n]ᵀ (upper trapezoidal), as Wᵀ = Y[:n] Tᵀ
     const auto W = apply_T_right(Td, N, rows(Y, 0, n), /*trap=*/true, 1.0).mT();
-    pt.lap("W");
-    // Q -= Y W, with Y = [L; F] (L k×k unit lower) and W = [Wu | Wr] (Wu k×k upper)
     // Q = I[:, :n] - Y W: rank-nb updates over the reflector panels l, each touching only Q[l0:, l0:]
     // (Y[:, l] is zero above row l0, W[l, :] left of column l0); the first one writes all of Q.
     Q = at::empty({B, m, n}, V.options());
@@ -513,10 +565,25 @@ Tensor householder_product_cpu(const Tensor& V, const Tensor& tau) {
       const int64_t l1 = std::min(k, l0 + nb);
       gemm(blk(Q, l0, m, l0, n), blk(Y, l0, m, l0, l1), blk(W, l0, l1, l0, n), -1.0, l0 == 0 ? 0.0 : 1.0);
     }
-    pt.lap("Q");
   }
   Q.diagonal(0, 1, 2).add_(1);
   return Q.view(V.sizes());
+}
+
+// dV[..., :k] = strictly lower part of dY [B, m, k]; zero elsewhere ([B, m, n]).
+template <typename scalar_t>
+void assemble_dV_kernel(const Tensor& dV, const Tensor& dY) {
+  const int64_t m = dV.size(1), n = dV.size(2), k = dY.size(2);
+  TORCH_INTERNAL_ASSERT(dV.is_contiguous() && dY.is_contiguous());
+  scalar_t* const o = dV.data_ptr<scalar_t>();
+  const scalar_t* const y = dY.const_data_ptr<scalar_t>();
+  at::parallel_for(0, dV.size(0) * m, std::max<int64_t>(1, 16384 / (n + 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = std::min(r % m, k);
+      std::copy(y + r * k, y + r * k + c, o + r * n);
+      std::fill(o + r * n + c, o + (r + 1) * n, scalar_t(0));
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor> householder_product_backward_cpu(const Tensor& grad, const Tensor& V,
@@ -526,47 +593,42 @@ std::tuple<Tensor, Tensor> householder_product_backward_cpu(const Tensor& grad, 
   check_grad(op, grad, V, V.sizes());
   const int64_t m = V.size(-2), n = V.size(-1), k = tau.size(-1), B = batch_numel(V, 2);
   const int64_t nb = panel_for(B);
-  auto dV = at::zeros({B, m, n}, V.options());
-  auto dtau = at::zeros({B, k}, V.options());
-  if (k > 0 && B > 0 && m > 0) {
-    const auto G = grad.reshape({B, m, n});
-    const auto Y = unit_lower(V.reshape({B, m, n}), k);
-    const auto tau2 = tau.reshape({B, k}).contiguous();
-    PhaseTimer pt;
-    const auto ut = ut_factor_unit_lower(Y, tau2, nb);
-    pt.lap("NT");
-    const auto W = product_W(ut.T, Y, n, 1.0, nb);  // T W1 with W1 = Y[:n]ᵀ
-    pt.lap("Z");
-    const auto L = rows(Y, 0, k), F = rows(Y, k, m);
-    // YtG = Yᵀ G [k, n]
-    auto YtG = at::zeros({B, k, n}, V.options());
-    mul(YtG, L.mT(), kUpper, rows(G, 0, k), kFull, 1.0, nb);
-    gemm(YtG, F.mT(), rows(G, k, m), 1.0);
-    pt.lap("YtG");
-    // dY = -G Wᵀ [m, k]
-    auto dY = at::zeros({B, m, k}, V.options());
-    mul(dY, cols(G, 0, k), kFull, cols(W, 0, k).mT(), kLower, -1.0, nb);
-    gemm(dY, cols(G, k, n), cols(W, k, n).mT(), -1.0);
-    pt.lap("GZt");
-    // dT = -YtG W1ᵀ = -YtG Y[:n] (upper triangle used)
-    auto dT = at::zeros({B, k, k}, V.options());
-    mul(dT, cols(YtG, 0, k), kFull, L, kLower, -1.0, nb);
-    gemm(dT, cols(YtG, k, n), rows(Y, k, n), -1.0);
-    pt.lap("dT");
-    // dW1 = -Tᵀ YtG [k, n]
-    auto dW1 = at::zeros({B, k, n}, V.options());
-    mul(dW1, ut.T.mT(), kLower, YtG, kFull, -1.0, nb);
-    pt.lap("dW1");
-    auto [dtau_, sym] = t_backward(dT, ut, tau2, nb);
-    pt.lap("tbw");
-    dtau.copy_(dtau_);
-    // dY += Y (dN + dNᵀ) + [dW1ᵀ; 0]
-    mul(rows(dY, 0, k), L, kLower, sym, kFull, 1.0, nb);
-    gemm(rows(dY, k, m), F, sym, 1.0);
-    rows(dY, 0, n).add_(dW1.mT());
-    cols(dV, 0, k).copy_(dY.tril_(-1));
-    pt.lap("rest");
+  if (k == 0 || B == 0 || m == 0) return {at::zeros(V.sizes(), V.options()), at::zeros(tau.sizes(), tau.options())};
+  const auto G = grad.reshape({B, m, n});
+  const auto Y = unit_lower(V.reshape({B, m, n}), k);
+  const auto tau2 = tau.reshape({B, k}).contiguous();
+  auto N = at::empty({B, k, k}, V.options());
+  syrk_upper_lower_trap(N, Y, nb);
+  const auto [T, Ainv] = T_and_Ainv(N, tau2);
+  const auto Z = product_W(T, Y, n, 1.0, nb);  // T W1 with W1 = Y[:n]ᵀ, upper trapezoidal [k, n]
+  // YtG = Yᵀ G [k, n], row panels (Y[:, i] is zero above row i0). Both uses below (dT and YtGᵀ T) read
+  // only its block-upper part, YtG[i, j] for j >= i0, so only that is formed.
+  auto YtG = at::empty({B, k, n}, V.options());
+  for (int64_t i0 = 0; i0 < k; i0 += nb) {
+    const int64_t i1 = std::min(k, i0 + nb);
+    gemm(blk(YtG, i0, i1, i0, n), blk(Y, i0, m, i0, i1).mT(), blk(G, i0, m, i0, n), 1.0, 0.0);
   }
+  // dT = -YtG W1ᵀ = -YtG Y[:n] (upper triangle)
+  auto dT = at::empty({B, k, k}, V.options());
+  mul_upper_lower_trap(dT, YtG, rows(Y, 0, n), -1.0, nb);
+  // dY = -G Zᵀ - [YtGᵀ T; 0] (the second term: the path through W1 = Y[:n]ᵀ) + Y (dN + dNᵀ). Only the strict
+  // lower part of dY is used, so in column panel j only rows >= j0 are formed (the rest is never read).
+  auto dY = at::empty({B, m, k}, V.options());
+  const auto Zt = Z.mT(), YtGt = YtG.mT();
+  for (int64_t j0 = 0; j0 < k; j0 += nb) {
+    const int64_t j1 = std::min(k, j0 + nb);
+    // Zᵀ [n, k] is lower trapezoidal, T upper triangular
+    gemm(blk(dY, j0, m, j0, j1), blk(G, j0, m, j0, n), blk(Zt, j0, n, j0, j1), -1.0, 0.0);
+    gemm(blk(dY, j0, n, j0, j1), blk(YtGt, j0, n, 0, j1), blk(T, 0, j1, j0, j1), -1.0);
+  }
+  auto [dtau, sym] = t_backward(dT, N, T, Ainv, tau2, nb);
+  for (int64_t i0 = 0; i0 < k; i0 += nb) {  // rows i < k: columns < i1 of Y[i, :i1] (dN + dNᵀ)[:i1, :]
+    const int64_t i1 = std::min(k, i0 + nb);
+    gemm(blk(dY, i0, i1, 0, i1), blk(Y, i0, i1, 0, i1), blk(sym, 0, i1, 0, i1), 1.0);
+  }
+  gemm(rows(dY, k, m), rows(Y, k, m), sym, 1.0);
+  auto dV = at::empty({B, m, n}, V.options());
+  AT_DISPATCH_FLOATING_TYPES(dV.scalar_type(), "householder_assemble", [&] { assemble_dV_kernel<scalar_t>(dV, dY); });
   return {dV.view(V.sizes()), dtau.view(tau.sizes())};
 }
 
@@ -582,17 +644,10 @@ Tensor householder_orthogonal_cpu(const Tensor& V) {
   if (k == 0 || B == 0) {
     Q = at::zeros({B, d, d}, V.options());
   } else {
-    PhaseTimer pt;
     const auto V3 = blas_view(V, B);
-    auto N = at::empty({B, k, k}, V.options());
-    mul_upper(N, V3.mT(), V3, 1.0, nb);
-    pt.lap("N");
-    const auto Td = compute_T_diag(N, Tensor(), env_int("HH_TB", 128));  // tau = 2 / diag(N)
-    pt.lap("T");
-    auto Wt = apply_T_right(Td, N, V3, false, -1.0);
-    pt.lap("W");
-    Q = at::bmm(V3, Wt.mT());  // V (-T Vᵀ) = V (-V Tᵀ)ᵀ
-    pt.lap("Q");
+    const auto N = gram_upper(V3, nb);
+    const auto Td = compute_T_diag(N, Tensor(), kTDiagBlock);  // tau = 2 / diag(N)
+    Q = at::bmm(V3, apply_T_right(Td, N, V3, false, -1.0).mT());  // V (-T Vᵀ) = V (-V Tᵀ)ᵀ
   }
   Q.diagonal(0, 1, 2).add_(1);
   return Q.view(out_shape);
@@ -609,18 +664,19 @@ Tensor householder_orthogonal_backward_cpu(const Tensor& grad, const Tensor& V) 
   if (k == 0 || B == 0 || d == 0) return at::zeros(V.sizes(), V.options());
   const auto G = grad.reshape({B, d, d});
   const auto V3 = blas_view(V, B);
-  const auto tau = dense_tau(V3);
-  const auto ut = ut_factor_dense(V3, tau, nb);
+  const auto N = gram_upper(V3, nb);
+  const auto tau = tau_from_norms(N.diagonal(0, 1, 2));
+  const auto [T, Ainv] = T_and_Ainv(N, tau);
   const auto GV = at::bmm(G, V3);
   const auto GtV = at::bmm(G.mT(), V3);
   // dT = -Vᵀ G V (upper triangle)
-  auto dT = at::zeros({B, k, k}, V.options());
+  auto dT = at::empty({B, k, k}, V.options());
   mul_upper(dT, V3.mT(), GV, -1.0, nb);
-  auto [dtau, sym] = t_backward(dT, ut, tau, nb);
+  auto [dtau, sym] = t_backward(dT, N, T, Ainv, tau, nb);
   // dV = V (dN + dNᵀ) - G V Tᵀ - Gᵀ V T - (dtau tau²) V
   auto dV = at::bmm(V3, sym);
-  mul(dV, GV, kFull, ut.T.mT(), kLower, -1.0, nb);
-  mul(dV, GtV, kFull, ut.T, kUpper, -1.0, nb);
+  mul(dV, GV, kFull, T.mT(), kLower, -1.0, nb);
+  mul(dV, GtV, kFull, T, kUpper, -1.0, nb);
   dV.sub_(V3 * (dtau * tau * tau).unsqueeze(1));
   return dV.view(V.sizes());
 }
@@ -634,12 +690,11 @@ Tensor householder_apply_cpu(const Tensor& V, const Tensor& X) {
   const auto X3 = X.reshape({B, d, n});
   if (k == 0 || B == 0 || n == 0) return X3.clone(at::MemoryFormat::Contiguous).view(X.sizes());
   const auto V3 = blas_view(V, B);
-  const auto tau = dense_tau(V3);
-  const auto ut = ut_factor_dense(V3, tau, nb);
-  const auto W1 = at::bmm(V3.mT(), X3);
-  auto Z = at::zeros({B, k, n}, V.options());  // -T Vᵀ X
-  mul(Z, ut.T, kUpper, W1, kFull, -1.0, nb);
-  return at::baddbmm(X3, V3, Z).contiguous().view(X.sizes());
+  const auto N = gram_upper(V3, nb);
+  const auto Td = compute_T_diag(N, Tensor(), kTDiagBlock);  // tau = 2 / diag(N)
+  // out = X - V (T Vᵀ X) = X + V Zᵀ with Z = -(XᵀV) Tᵀ
+  const auto Z = apply_T_right(Td, N, at::bmm(X3.mT(), V3), false, -1.0);
+  return at::baddbmm(X3, V3, Z.mT()).contiguous().view(X.sizes());
 }
 
 std::tuple<Tensor, Tensor> householder_apply_backward_cpu(const Tensor& grad, const Tensor& V, const Tensor& X) {
@@ -654,17 +709,18 @@ std::tuple<Tensor, Tensor> householder_apply_backward_cpu(const Tensor& grad, co
   }
   const auto V3 = blas_view(V, B);
   const auto X3 = X.reshape({B, d, n});
-  const auto tau = dense_tau(V3);
-  const auto ut = ut_factor_dense(V3, tau, nb);
+  const auto N = gram_upper(V3, nb);
+  const auto tau = tau_from_norms(N.diagonal(0, 1, 2));
+  const auto [T, Ainv] = T_and_Ainv(N, tau);
   const auto W1 = at::bmm(V3.mT(), X3);  // k×n
   auto Z = at::zeros({B, k, n}, V.options());
-  mul(Z, ut.T, kUpper, W1, kFull, 1.0, nb);  // T W1
-  const auto YtG = at::bmm(V3.mT(), G);     // k×n
-  auto dT = at::zeros({B, k, k}, V.options());
-  mul_upper(dT, YtG, W1.mT(), -1.0, nb);    // -YtG W1ᵀ
+  mul(Z, T, kUpper, W1, kFull, 1.0, nb);  // T W1
+  const auto YtG = at::bmm(V3.mT(), G);  // k×n
+  auto dT = at::empty({B, k, k}, V.options());
+  mul_upper(dT, YtG, W1.mT(), -1.0, nb);  // -YtG W1ᵀ (upper triangle)
   auto dW1 = at::zeros({B, k, n}, V.options());
-  mul(dW1, ut.T.mT(), kLower, YtG, kFull, -1.0, nb);  // -Tᵀ YtG
-  auto [dtau, sym] = t_backward(dT, ut, tau, nb);
+  mul(dW1, T.mT(), kLower, YtG, kFull, -1.0, nb);  // -Tᵀ YtG
+  auto [dtau, sym] = t_backward(dT, N, T, Ainv, tau, nb);
   // dV = V (dN + dNᵀ) - G Zᵀ + X dW1ᵀ - (dtau tau²) V;  dX = G + V dW1
   auto dV = at::bmm(V3, sym);
   gemm(dV, G, Z.mT(), -1.0);
