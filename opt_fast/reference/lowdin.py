@@ -53,7 +53,9 @@ d = 2 / 3 / 5 / 8 up to 5.7 / 5.7 / 1.9 / 1.6x; over 200 matrices each, the exce
 7e-7 absolute).
 Time, batch 5 x 576 float32, this 2-core shared CPU, min of 4: cold iteration 0.47 s, torch.linalg.svd
 + U @ Vh 0.22 s (1 thread, loaded machine: 1.1-1.8 s vs 0.48-0.91 s). On CPU LAPACK's SVD costs
-about 8 matmuls, so 32 matmuls are ~2x slower; the iteration is meant for GPUs.
+about 8 matmuls, so 32 matmuls are ~2x slower; the iteration is meant for GPUs (the C++ CPU kernel,
+csrc/cpu/lowdin.cpp, therefore takes the SVD route for iters = 0 and keeps this module's R0 reuse and
+fixed schedule).
 
 Warm start R0 (previous step's R) — measured outcome
 ----------------------------------------------------
