@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench import cases as C  # noqa: E402
-from bench import e2e, machine, plots, runner, tables  # noqa: E402
+from bench import e2e, machine, plots, runner, tables, targets  # noqa: E402
 from bench.progress import Progress, fmt_duration  # noqa: E402
 from bench.shapes import E2E_BATCH, LAYER_SETS, SIZES  # noqa: E402
 from bench.timers import Budget  # noqa: E402
@@ -31,11 +31,13 @@ from bench.timers import Budget  # noqa: E402
 # left when time is up are reported as "skipped: time budget" (smallest shapes of every op run first).
 BUDGETS = {
     "smoke": dict(case=Budget(case_s=0.02, min_rounds=2, max_rounds=5), total_s=None, train_s=None,
-                  layers_s=None, train_steps=1, layer_steps=1),
+                  layers_s=None, train_steps=1, layer_steps=1, target_s=0.0, targets_s=0.0),
     "default": dict(case=Budget(case_s=0.08, min_rounds=5, max_rounds=30, max_case_s=1.0, slow_call_s=2.0),
-                    total_s=200.0, train_s=90.0, layers_s=20.0, train_steps=1, layer_steps=2),
+                    total_s=180.0, train_s=80.0, layers_s=15.0, train_steps=1, layer_steps=2,
+                    target_s=3.0, targets_s=45.0),
     "full": dict(case=Budget(case_s=0.2, min_rounds=10, max_rounds=100, max_case_s=3.0, slow_call_s=10.0),
-                 total_s=None, train_s=None, layers_s=None, train_steps=5, layer_steps=5),
+                 total_s=None, train_s=None, layers_s=None, train_steps=5, layer_steps=5,
+                 target_s=10.0, targets_s=None),
 }
 CUDA_MIN_ROUNDS = 50   # perf_targets §3.1: median of ≥ 50 runs on a GPU
 
@@ -50,6 +52,7 @@ def parse_args(argv=None):
                    help="output folder (default: bench/results)")
     p.add_argument("--ops", nargs="+", choices=C.OPS, default=list(C.OPS), help="ops to benchmark")
     p.add_argument("--no-e2e", action="store_true", help="skip the training-step and layer-set sections")
+    p.add_argument("--no-targets", action="store_true", help="skip the issues' acceptance ratios")
     p.add_argument("--budget", type=float, help="wall-time cap in seconds for the whole run (cases left "
                    "when it runs out are marked skipped); default: none, or ~4 min for the default size")
     p.add_argument("--threads", type=int, help="torch.set_num_threads. Default on CPU: torch's choice, or 1 "
@@ -95,7 +98,8 @@ def run(args) -> dict:
 
     case_list = C.cases(size, args.ops)
     e2e_items = 0 if args.no_e2e else len(e2e.METHODS) + 2 + len(e2e.LAYER_MAPS)
-    progress = Progress(len(case_list) + e2e_items)
+    n_targets = 0 if args.no_targets or cfg["targets_s"] == 0 else targets.count(device)
+    progress = Progress(len(case_list) + e2e_items + n_targets)
     started = datetime.datetime.now()
     t0 = time.perf_counter()
     info = machine.info(device)
@@ -113,6 +117,9 @@ def run(args) -> dict:
         res["layer_set"] = e2e.layer_set_times(layer_set, device, steps=cfg["layer_steps"],
                                                progress=progress.step, deadline=deadline(layers_s))
         res["layer_set"]["name"] = name
+    if n_targets:
+        res["targets"] = targets.run_targets(device, progress=progress.step, seconds=cfg["target_s"],
+                                             deadline=deadline(cfg["targets_s"]))
     res["records"] = runner.run_cases(case_list, device, budget, progress,
                                       deadline=None if total_s is None else t0 + total_s)
     progress.close()
@@ -132,6 +139,9 @@ def print_report(res: dict, paths: dict) -> None:
           "the best torch built-in that meets the accuracy gate / opt_fast's time.\n")
     print(tables.text_table(tables.SUMMARY_HEADER, tables.summary_rows(res["records"]), "lllrrrlrrrl"))
     print(f"\n{tables.ACCURACY_NOTE}")
+    if res.get("targets"):
+        print(f"\nIssue targets on {res['device']} (interleaved medians, one run):")
+        print(tables.text_table(targets.HEADER, targets.rows(res["targets"]), "lllrrlrr"))
     if "e2e" in res:
         e = res["e2e"]
         print(f"\nCNN-6 training step (fwd+bwd+optimizer), batch {e['batch']}: "
@@ -175,6 +185,11 @@ def markdown(res: dict, plot_paths: dict, out_dir: str) -> str:
          "float64; if none does, the fastest that ran, flagged) / opt_fast's time. " + tables.ACCURACY_NOTE
          + ".", "",
          tables.md_table(tables.SUMMARY_HEADER, tables.summary_rows(res["records"])), ""]
+    if res.get("targets"):
+        L += ["## Issue targets", "",
+              "The ratios the issues state, at their exact shapes, each timed in this run with both sides "
+              "interleaved (one call of each per round, medians). Accuracy where the issue states one.", "",
+              tables.md_table(targets.HEADER, targets.rows(res["targets"])), ""]
     if "e2e" in res:
         e = res["e2e"]
         L += ["## End to end", "", f"### CNN-6 training step (forward + backward + optimizer step), batch {e['batch']}",
