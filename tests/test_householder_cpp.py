@@ -415,3 +415,30 @@ def test_bad_grad_shape_same_message(op):
     want = _message(getattr(R, name + "_ref"), *args)
     assert re.match(rf"opt_fast\.{name}: expected grad of shape", got), got
     assert got == want
+
+
+# ---- the direct small-d paths (householder_small.h) and the UT form on either side of the switch -----
+
+@pytest.mark.parametrize("batch", [(1,), (3,), (16,)], ids=["b1", "b3", "b16"])
+@pytest.mark.parametrize("d", [27, 64, 65])
+def test_small_d_switch(d, batch):
+    # product: direct for m <= 64 at any batch; dense ops: direct only for batch <= 8 (b16 takes the UT form)
+    V, tau = product_inputs(d, d, d - 3, batch)
+    close64(ops.householder_product(V, tau), R.householder_product_ref(V, tau))
+    Vd, X = dense_inputs(d, d, 40, batch)
+    close64(ops.householder_orthogonal(Vd), R.householder_orthogonal_ref(Vd))
+    close64(ops.householder_apply(Vd, X), R.householder_apply_ref(Vd, X), scale=d)
+    f32 = [t.float() for t in (V, tau, Vd, X)]
+    rule32(ops.householder_product(f32[0], f32[1]), R.householder_product_ref(V, tau),
+           torch.linalg.householder_product(f32[0], f32[1]), "householder_product")
+    rule32(ops.householder_orthogonal(f32[2]), R.householder_orthogonal_ref(Vd), orth_loop(f32[2]),
+           "householder_orthogonal")
+
+
+def test_small_d_zero_tau_and_zero_reflector_are_identities():
+    V, tau = product_inputs(20, 20, 20, (2,))
+    tau[:, 5] = 0
+    close64(ops.householder_product(V, tau), R.householder_product_ref(V, tau))
+    Vd = torch.randn(2, 20, 6, dtype=F64)
+    Vd[:, :, 2] = 0
+    close64(ops.householder_orthogonal(Vd), R.householder_orthogonal_ref(Vd))

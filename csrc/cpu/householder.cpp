@@ -45,6 +45,7 @@
 //   (c) householder_orthogonal fwd / torch.mm 512×512:                           2.68 - 2.90   (target <= 3)
 // Under heavier contention the many mid-size GEMMs suffer more than one mm or LAPACK call: margins shrink.
 #include "../opt_fast.h"
+#include "householder_small.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -549,6 +550,12 @@ Tensor householder_product_cpu(const Tensor& V, const Tensor& tau) {
   const auto V3 = V.reshape({B, m, n});
   const auto tau2 = tau.reshape({B, k}).contiguous();
   Tensor Q;
+  if (k > 0 && B > 0 && small::use_for_product(m)) {
+    Q = at::empty({B, m, n}, V.options());
+    const auto Vc = V3.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "householder_product_small", [&] { small::product<scalar_t>(Q, Vc, tau2); });
+    return Q.view(V.sizes());
+  }
   if (k == 0 || B == 0) {
     Q = at::zeros({B, m, n}, V.options());
   } else {
@@ -641,6 +648,12 @@ Tensor householder_orthogonal_cpu(const Tensor& V) {
   auto out_shape = V.sizes().vec();
   out_shape.back() = d;
   Tensor Q;
+  if (k > 0 && B > 0 && small::use_for_dense(d, d, B)) {
+    Q = at::empty({B, d, d}, V.options());
+    const auto Vc = V.reshape({B, d, k}).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "householder_orthogonal_small", [&] { small::apply<scalar_t>(Q, Vc, nullptr); });
+    return Q.view(out_shape);
+  }
   if (k == 0 || B == 0) {
     Q = at::zeros({B, d, d}, V.options());
   } else {
@@ -689,6 +702,13 @@ Tensor householder_apply_cpu(const Tensor& V, const Tensor& X) {
   const int64_t nb = panel_for(B);
   const auto X3 = X.reshape({B, d, n});
   if (k == 0 || B == 0 || n == 0) return X3.clone(at::MemoryFormat::Contiguous).view(X.sizes());
+  if (small::use_for_dense(d, n, B)) {
+    auto out = at::empty({B, d, n}, X.options());
+    const auto Vc = V.reshape({B, d, k}).contiguous();
+    const auto Xc = X3.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "householder_apply_small", [&] { small::apply<scalar_t>(out, Vc, &Xc); });
+    return out.view(X.sizes());
+  }
   const auto V3 = blas_view(V, B);
   const auto N = gram_upper(V3, nb);
   const auto Td = compute_T_diag(N, Tensor(), kTDiagBlock);  // tau = 2 / diag(N)
