@@ -220,6 +220,7 @@ cudaError_t householder_small(SmallMode mode, const T* V, int64_t vsb, int64_t v
                               int64_t tsb, int64_t tsc, const T* X, int64_t xsb, int64_t xsr, int64_t xsc, T* out,
                               int64_t B, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
   if (B <= 0 || m <= 0 || n <= 0) return cudaSuccess;
+  if (B > 0x7fffffff) return cudaErrorInvalidValue;  // one block per matrix
   const size_t smem = householder_small_smem_bytes(m, n, sizeof(T));
   if (smem > 48 * 1024) {  // above the default limit a kernel must opt in
     const cudaError_t err = cudaFuncSetAttribute(householder_small_kernel<T>,
