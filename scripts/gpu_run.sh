@@ -6,8 +6,9 @@
 #
 #   scripts/gpu_run.sh OUTDIR
 #
-# Environment: PYTHON (default python3, the system Python: no venv), TORCH_CUDA_ARCH_LIST (default 9.0),
-# MAX_JOBS (default 16), TOTAL_S (the wall time this script should fit in, default 570 s: the report gets
+# Environment: PYTHON (default python3, the system Python: no venv), TORCH_CUDA_ARCH_LIST (default: the local
+# GPU's compute capability from nvidia-smi, else 9.0), MAX_JOBS (default 16), SANITIZE (default 1: run the
+# CUDA smoke test under compute-sanitizer memcheck and racecheck when compute-sanitizer is installed), TOTAL_S (the wall time this script should fit in, default 570 s: the report gets
 # what the earlier stages left, and covers the most important shapes first), BENCH_BUDGET_S (the report's
 # wall-time cap in seconds instead; 0 = no cap), BENCH_ARGS (extra arguments for bench/report.py).
 # Exit status: 0 if every stage passed, else 1; OUTDIR/stages.tsv lists each stage's exit code and time.
@@ -18,7 +19,12 @@ mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# build for the GPU that is here (no visible GPU at build time would otherwise give an empty arch list)
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+fi
+export TORCH_CUDA_ARCH_LIST
 export MAX_JOBS=${MAX_JOBS:-16}
 TOTAL_S=${TOTAL_S:-570}
 
@@ -42,7 +48,8 @@ stage() {
 stage env bash -c "nvidia-smi; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU\")'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; git rev-parse HEAD; git status --short"
 
 # --no-deps --no-index: everything is preinstalled and there is no internet; pip must not try to fetch
-if stage build "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
+# OPT_FAST_FORCE_CUDA=1: a build that silently leaves out the CUDA kernels is a failed build here
+if stage build env OPT_FAST_FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
   built=1
 else
   built=0
@@ -51,8 +58,18 @@ fi
 if [ "$built" -eq 1 ]; then
   # which kernel serves each op; fails if the C++/CUDA extension does not load
   stage backends env OPT_FAST_REQUIRE_EXT=1 "$PY" -c "import opt_fast; opt_fast.backend_report()"
-  # all tests, gpu markers included; OPT_FAST_REQUIRE_EXT=1 makes a missing extension fail loudly
-  stage tests env OPT_FAST_REQUIRE_EXT=1 "$PY" -m pytest tests -q -p no:cacheprovider -rs
+  # the CUDA kernels first (fast, and the part no CPU machine can test), then everything else, gpu markers
+  # included; OPT_FAST_REQUIRE_EXT=1 makes a missing extension fail loudly
+  stage cuda_tests env OPT_FAST_REQUIRE_EXT=1 "$PY" -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rs
+  if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null 2>&1; then
+    # every CUDA kernel once, uncached allocations so that memcheck sees exact buffer ends
+    for tool in memcheck racecheck; do
+      stage "sanitize_${tool}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 OPT_FAST_REQUIRE_EXT=1 compute-sanitizer \
+        --tool "$tool" --error-exitcode 1 "$PY" -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -k smoke
+    done
+  fi
+  stage tests env OPT_FAST_REQUIRE_EXT=1 "$PY" -m pytest tests -q -p no:cacheprovider -rs \
+    --ignore=tests/test_cuda_kernels.py
   if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
     stage bench_smoke "$PY" -m pytest bench --benchmark-disable -q -p no:cacheprovider --bench-device cuda
   else

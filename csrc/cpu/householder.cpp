@@ -44,6 +44,7 @@
 //       (torch 211-321 ms, opt_fast 16.5-23 ms)
 //   (c) householder_orthogonal fwd / torch.mm 512×512:                           2.68 - 2.90   (target <= 3)
 // Under heavier contention the many mid-size GEMMs suffer more than one mm or LAPACK call: margins shrink.
+#include "../householder_checks.h"
 #include "../opt_fast.h"
 #include "householder_small.h"
 
@@ -58,50 +59,6 @@ namespace opt_fast {
 namespace {
 
 using at::Tensor;
-
-// ---- input checks (wording of opt_fast/_checks.py) ------------------------------------------------
-
-void check_same_batch(const char* op, const char* a, const Tensor& ta, int64_t a_nd, const char* b,
-                      const Tensor& tb, int64_t b_nd) {
-  const auto ba = ta.sizes().slice(0, ta.dim() - a_nd);
-  const auto bb = tb.sizes().slice(0, tb.dim() - b_nd);
-  TORCH_CHECK(ba == bb, "opt_fast.", op, ": expected ", a, " and ", b,
-              " to have the same batch dimensions, got ", a, " ", ta.sizes(), " and ", b, " ", tb.sizes());
-}
-
-void check_product(const char* op, const Tensor& V, const Tensor& tau) {
-  check_float_matrix(op, "V", V);
-  TORCH_CHECK(tau.defined() && tau.dim() >= 1, "opt_fast.", op,
-              ": expected tau to be a Tensor with at least 1 dimension [..., k]");
-  check_same_device_dtype(op, "V", V, "tau", tau);
-  const int64_t m = V.size(-2), n = V.size(-1), k = tau.size(-1);
-  TORCH_CHECK(m >= n, "opt_fast.", op, ": expected V [..., m, n] with m >= n, got shape ", V.sizes());
-  TORCH_CHECK(k <= n, "opt_fast.", op, ": expected k = tau.shape[-1] <= n = V.shape[-1], got k = ", k,
-              " and V of shape ", V.sizes());
-  check_same_batch(op, "V", V, 2, "tau", tau, 1);
-}
-
-void check_reflectors(const char* op, const Tensor& V) {
-  check_float_matrix(op, "V", V);
-  TORCH_CHECK(V.size(-1) <= V.size(-2), "opt_fast.", op,
-              ": expected V [..., d, k] with k <= d reflectors, got shape ", V.sizes());
-}
-
-void check_apply(const char* op, const Tensor& V, const Tensor& X) {
-  check_float_matrix(op, "V", V);
-  check_float_matrix(op, "X", X);
-  check_same_device_dtype(op, "V", V, "X", X);
-  TORCH_CHECK(V.size(-1) <= V.size(-2), "opt_fast.", op,
-              ": expected V [..., d, k] with k <= d reflectors, got shape ", V.sizes());
-  TORCH_CHECK(X.size(-2) == V.size(-2), "opt_fast.", op, ": expected X [..., d, n] with d = V.shape[-2] = ",
-              V.size(-2), ", got X of shape ", X.sizes());
-  check_same_batch(op, "V", V, 2, "X", X, 2);
-}
-
-void check_grad(const char* op, const Tensor& grad, const Tensor& like, at::IntArrayRef shape) {
-  check_grad_shape(op, grad, shape);
-  check_same_device_dtype(op, "grad", grad, "V", like);
-}
 
 // ---- structured products on batches of matrices [B, rows, cols] ------------------------------------
 
