@@ -223,7 +223,7 @@ def lowdin_backward(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
 
 # ---- approximate mode (Muon-style) -----------------------------------------------------------------------
 
-MUON_COEFS = (3.4445, -4.7750, 2.0315)
+from opt_fast.functional import MUON_COEFS  # noqa: E402  (one definition)
 
 
 def orthogonalize_approx(G: Tensor, steps: int = 5) -> Tensor:

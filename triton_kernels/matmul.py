@@ -55,9 +55,10 @@ def _mm_kernel(
     else:
         ti = pid // TN
         tj = pid % TN
-    rows = ti * BM + tl.arange(0, BM)
-    cols = tj * BM + tl.arange(0, BM)
-    ks = tl.arange(0, BK)
+    # int64 offsets: no overflow for big batches, and the interpreter skips its (slow) int32 overflow checks
+    rows = (ti * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (tj * BM + tl.arange(0, BM)).to(tl.int64)
+    ks = tl.arange(0, BK).to(tl.int64)
     rmask = rows < M
     cmask = cols < N
     acc = tl.zeros((BM, BM), dtype=OUT.dtype.element_ty)
