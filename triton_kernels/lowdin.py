@@ -38,7 +38,8 @@ Scaled by 1 / s with s² = ||H²||_F (= the forward's s: H² = PᵀP), D follows
 map on the singular values of P, so the same schedule, tightening and stopping rule apply with
 ||S - I||_F as the measurement; in H's eigenbasis E_ij = C_ij (f(λ_i) + f(λ_j)) / (λ_i + λ_j) -> 2 Y_ij
 with relative error <= max |f - 1|. D and S are symmetric, E, ES + SE and DED are skew: each of them is
-computed on the upper-triangle tiles only. Per step: S (½), D' (½), W = DE (1), E' = aE + b(ES + SE - WD) (3 products, ½ each)
+computed on the upper-triangle tiles only. Per step: S (½), D' (½), W = DE (1),
+E' = aE + b(ES + SE - WD) (3 products, ½ each)
 = 3.5 GEMM-equivalents (forward: 1.5); four d×d buffers pairs, independent of the iteration count.
 
 Nothing here ran on a GPU when this was written: the kernels were checked under TRITON_INTERPRET=1
