@@ -40,7 +40,7 @@ map on the singular values of P, so the same schedule, tightening and stopping r
 with relative error <= max |f - 1|. D and S are symmetric, E, ES + SE and DED are skew: each of them is
 computed on the upper-triangle tiles only. Per step: S (½), D' (½), W = DE (1),
 E' = aE + b(ES + SE - WD) (3 products, ½ each)
-= 3.5 GEMM-equivalents (forward: 1.5); four d×d buffers pairs, independent of the iteration count.
+= 3.5 GEMM-equivalents (forward: 1.5); six d×d buffers, independent of the iteration count.
 
 Nothing here ran on a GPU when this was written: the kernels were checked under TRITON_INTERPRET=1
 (float32 computed exactly, so TF32 and bf16 effects are invisible there) and the block sizes are untuned.
