@@ -81,7 +81,8 @@ DIFF_INPUTS = {
 }
 SHAPE_SETS = {
     "householder_product": ("square", "householder_k"), "householder_orthogonal": ("square", "householder_k"),
-    "householder_apply": ("apply",), "gram_schmidt": ("square",), "lowdin": ("square",),
+    "householder_apply": ("apply",), "gram_schmidt": ("square",),
+    "lowdin": ("lowdin",),
     "cayley": ("square", "cayley_peft"),
 }
 
@@ -202,7 +203,8 @@ def cases(size: str, ops=OPS) -> List[Case]:
     sets = shape_sets(size)
     out = []
     for op in ops:
-        entries = [e for key in SHAPE_SETS[op] for e in sets.get(key, [])]
+        keys = [k for k in SHAPE_SETS[op] if k in sets] or ["square"]   # lowdin: own grid in full only
+        entries = [e for key in keys for e in sets.get(key, [])]
         first_big = next((i for i, (s, _) in enumerate(entries) if s.d >= 576), -1)
         for i, (shape, dtypes) in enumerate(entries):
             for dtype in dtypes:

@@ -121,7 +121,11 @@ def _full() -> Dict[str, List[Tuple[Shape, Tuple]]]:
              for n in ns]
     peft = [(Shape(bs, 4096 // bs, f"OFT block {bs} ({4096 // bs} blocks)", norm=nrm, prio=4), (F32,))
             for bs in (8, 16, 32, 64) for nrm in (1e-2, 1.0)]
-    return {"square": sq, "householder_k": hk, "apply": apply, "cayley_peft": peft}
+    # lowdin's own grid (issue 6): d × batch, float32 (d <= 1024 at b = 1 also float64)
+    low = [(Shape(d, b, "lowdin grid", prio=0 if b == 1 else (1 if b == 5 else 3)),
+            (F32, F64) if b == 1 and d <= 1024 else (F32,))
+           for d in (27, 144, 576, 1024, 2304) for b in (1, 5, 64)]
+    return {"square": sq, "householder_k": hk, "apply": apply, "cayley_peft": peft, "lowdin": low}
 
 
 def shape_sets(size: str) -> Dict[str, List[Tuple[Shape, Tuple]]]:

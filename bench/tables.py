@@ -87,6 +87,10 @@ def detail_rows(recs: List[Dict]) -> List[List[str]]:
             notes.append(f"kernel: {r['kernel']}")
         if r.get("approx"):
             notes.append("approximate")
+        gate = {"float32": 1e-5, "float64": 1e-12}.get(r.get("dtype"))
+        acc = r.get("accuracy")
+        if ok and r.get("kind") != "yardstick" and gate and isinstance(acc, float) and acc > gate:
+            notes.append(f"**does not meet the accuracy bar** ({gate:g})")
         if r.get("baseline"):
             notes.append("built-in baseline")
         if r.get("note"):

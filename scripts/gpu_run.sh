@@ -8,7 +8,8 @@
 #
 # Environment: PYTHON (default python3, the system Python: no venv), TORCH_CUDA_ARCH_LIST (default: the local
 # GPU's compute capability from nvidia-smi, else 9.0), MAX_JOBS (default 16), SANITIZE (default 1: run the
-# CUDA smoke test under compute-sanitizer memcheck and racecheck when compute-sanitizer is installed), TOTAL_S (the wall time this script should fit in, default 570 s: the report gets
+# CUDA smoke test under compute-sanitizer memcheck and racecheck when compute-sanitizer is installed),
+# LOWDIN_BUDGET_S (the lowdin report's cap, default 150 s), TOTAL_S (the wall time this script should fit in, default 570 s: the report gets
 # what the earlier stages left, and covers the most important shapes first), BENCH_BUDGET_S (the report's
 # wall-time cap in seconds instead; 0 = no cap), BENCH_ARGS (extra arguments for bench/report.py).
 # Exit status: 0 if every stage passed, else 1; OUTDIR/stages.tsv lists each stage's exit code and time.
@@ -68,8 +69,13 @@ if [ "$built" -eq 1 ]; then
         --tool "$tool" --error-exitcode 1 "$PY" -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -k smoke
     done
   fi
+  # the Triton launchers on CUDA (interp- and gpu-marked tests; TRITON_INTERPRET must be unset here)
+  stage triton_lowdin env -u TRITON_INTERPRET "$PY" -m pytest tests/test_triton_lowdin.py -q -p no:cacheprovider -rs
   stage tests env OPT_FAST_REQUIRE_EXT=1 "$PY" -m pytest tests -q -p no:cacheprovider -rs \
-    --ignore=tests/test_cuda_kernels.py
+    --ignore=tests/test_cuda_kernels.py --ignore=tests/test_triton_lowdin.py
+  # lowdin's grid (d × batch, cold / warm / reuse, fwd and fwd+bwd) first, with its own share of the time
+  stage report_lowdin "$PY" bench/report.py --device cuda --full --ops lowdin --no-e2e --out "$OUT/lowdin" \
+    --budget "${LOWDIN_BUDGET_S:-150}"
   if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
     stage bench_smoke "$PY" -m pytest bench --benchmark-disable -q -p no:cacheprovider --bench-device cuda
   else

@@ -15,3 +15,9 @@ except ImportError:  # Triton is optional: CPU-only installs may not have it
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 LAUNCHERS = {}
+
+if HAS_TRITON:
+    from . import lowdin as _lowdin  # noqa: E402  (the submodule stays reachable as .lowdin)
+
+    LAUNCHERS["lowdin"] = _lowdin.lowdin
+    LAUNCHERS["lowdin_backward"] = _lowdin.lowdin_backward
