@@ -36,7 +36,7 @@ stage "tests (C++ extension required)" env OPT_FAST_REQUIRE_EXT=1 $PYTEST tests 
 
 # 2. Triton launchers under the interpreter, in their own process (the variable must be set before import)
 if ls tests/test_triton_*.py >/dev/null 2>&1; then
-  stage "triton kernels (TRITON_INTERPRET=1)" env TRITON_INTERPRET=1 $PYTEST tests -m interp
+  stage "triton kernels (TRITON_INTERPRET=1)" env TRITON_INTERPRET=1 $PYTEST tests -m "interp and not gpu"
 fi
 
 # 3. the op tests again on the pure-PyTorch references
