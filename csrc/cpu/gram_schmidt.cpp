@@ -1,7 +1,45 @@
 // Gram-Schmidt on the CPU: Q of P = QR with diag(R) > 0 (opt_fast/reference/gram_schmidt.py is the spec),
 // forward and backward, batched over leading dims, tall P (m >= n) included.
 //
-// HEADER_PLACEHOLDER
+// Algorithm (chosen by measurement, below): Householder QR through LAPACK (ATen's geqrf + orgqr, i.e.
+// blocked panels with level-3 trailing updates, panel width picked by LAPACK; block_size is accepted,
+// validated and ignored, as in the reference), one matrix at a time, then the sign fix diag(R) > 0 fused into
+// the write of the row-major output. Batches: whole matrices per thread (for_each_matrix).
+//
+// Stability: Householder QR gives ‖QᵀQ − I‖ = O(u) whatever κ(P) and a finite Q for rank-deficient P. OPT's
+// N(0,1) square P have κ ~ d (3e3 at d = 576), so CholQR/CholQR2 in float32 (O(u κ²), breakdown at
+// κ ≳ u^-1/2 ≈ 4e3) are out; CholQR2 with a float64 first Gram/Cholesky and BCGS2 are O(u) here too but
+// slower on this CPU (below). A one-solve CholQR (Q = P (R2 R1)⁻¹) was measured at 3.4e-4: the second pass
+// must re-orthogonalise Q1, not just refine R.
+//
+// Backward: the QR adjoint of the reference, no unrolling, R = triu(QᵀP) recomputed (the schema passes
+// (grad, P, Q)). With A = QᵀG and C = tril(A − Aᵀ, −1), the reference's (G + Q copyltu(−GᵀQ)) R⁻ᵀ equals
+// Q (C R⁻ᵀ) for square P (G − Q A = 0), so: one GEMM (A), triu(QᵀP) in column panels (half the flops),
+// a triangular solve whose right side is strictly lower (row panels against leading blocks of R), and a
+// product with a strictly lower X in column panels: about 4.3 d³ flops against 6-7 d³ for the reference's
+// formula. Tall P: (G + Q (C − A)) R⁻ᵀ, one GEMM more and a full solve.
+//
+// Rank-deficient P: forward finite (R_jj = 0 takes sign +1, as the reference); the backward raises
+// "opt_fast.gram_schmidt_backward: P is rank deficient ..." when finite inputs give a non-finite gradient
+// (exactly what opt_fast/reference/gram_schmidt.py does). NaN/inf inputs propagate NaN, no error.
+//
+// Measured (AMD EPYC, 2 cores shared with other jobs (load average 3-5 during the runs), MKL, float32,
+// batch 5 of d = 576 N(0,1) P; medians of 9-21 interleaved repeats; t_bmm = one [5, 576, 576] bmm):
+//   alternatives, 1 thread, in torch (prototypes):        t / t_bmm   ‖QᵀQ − I‖_F/√d   max|Q − Q64|
+//     torch.linalg.qr + sign fix (LAPACK Householder)     2.76        6.3e-7           1.7e-6
+//     geqrf + householder_product                         2.68        6.3e-7           1.7e-6
+//     BCGS2, Householder panels, block 64 / 128           4.7 / 5.0   3.2e-7 / 3.5e-7  0.9e-6 / 1.9e-6
+//     CholQR2, float64 first Gram + Cholesky              7.3         3.0e-7           1.6e-6
+//     CholQR2, float64 Grams in both passes               8.8         1.5e-7           1.6e-6
+//   LAPACK QR from 1 to 2 threads: 1.41x (b = 1), 1.52x (b = 5), bmm 1.65-1.88x: hence matrices per thread.
+//   backward parts, 1 thread, one 576² matrix, in units of one 576² mm: A = QᵀG 1.0, triu(QᵀP) 0.79,
+//   panel solve 0.89 (full solve 0.90: the panels save flops, not time, at this size), Q X 0.74.
+//   This kernel vs torch (torch.linalg.qr + sign fix, forward under no_grad; fwd+bwd by autograd):
+//     1 thread, three runs:  forward opt_fast / torch 0.80, 0.87, 0.87   (target <= 1.5)
+//                            fwd+bwd torch / opt_fast 1.45, 1.50, 1.35    (target > 1; bwd alone 2.6-3.2 t_bmm)
+//     2 threads, the run at load ~3:  forward 1.01, fwd+bwd 1.40x. Runs at load >= 2 cores gave 2-thread
+//     times 10-60x the 1-thread ones for every implementation (OpenMP waiting on preempted threads, see
+//     bench/README.md) with ratios anywhere from 0.3 to 1.6: not usable; re-measure on a quiet machine.
 #include "../opt_fast.h"
 
 #include <ATen/Parallel.h>
