@@ -81,8 +81,7 @@ DIFF_INPUTS = {
 }
 SHAPE_SETS = {
     "householder_product": ("square", "householder_k"), "householder_orthogonal": ("square", "householder_k"),
-    "householder_apply": ("apply",), "gram_schmidt": ("square",),
-    "lowdin": ("lowdin",),
+    "householder_apply": ("apply",), "gram_schmidt": ("gram_schmidt",), "lowdin": ("lowdin",),
     "cayley": ("square", "cayley_peft"),
 }
 

@@ -61,6 +61,7 @@ def _smoke() -> Dict[str, List[Tuple[Shape, Tuple]]]:
         "householder_k": [(Shape(27, 1, "k sweep", k=8), (F32,))],
         "apply": [(Shape(8, 3, "tiny batch", n=4), (F32,)), (Shape(27, 1, "CNN-6 conv1_0", n=16), (F32,))],
         "cayley_peft": [(Shape(8, 8, "OFT blocks", norm=0.5), (F32,))],
+        "gram_schmidt": sq,
         "e2e": [],
     }
 
@@ -78,7 +79,26 @@ def _default() -> Dict[str, List[Tuple[Shape, Tuple]]]:
                   (Shape(144, 6, "S-OPT m=144, 6 layers", n=64), (F32,)),
                   (Shape(576, 1, "CNN-6 3×3 conv", n=64), (F32,))],
         "cayley_peft": [(Shape(32, 128, "OFT block 32 (4096/32 blocks)", norm=0.5), (F32,))],
+        "gram_schmidt": [(s, dt) for s, dt in _gram_schmidt_grid() if (s.d, s.b) in GS_DEFAULT],
     }
+
+
+# gram_schmidt's own grid (issue 5): d ∈ {27, 144, 576, 1024, 2304} × b ∈ {1, 5, 64}. Priority: CNN-6's
+# d-groups (27×1, 576×5, 1024×1) first, then one matrix per d, then b = 5, then b = 64. The default size
+# keeps the subset below (a few minutes on 2 CPU cores); --full runs all 15.
+GS_D, GS_B = (27, 144, 576, 1024, 2304), (1, 5, 64)
+GS_DEFAULT = {(27, 1), (27, 64), (144, 5), (576, 1), (576, 5)}
+
+
+def _gram_schmidt_grid() -> List[Tuple[Shape, Tuple]]:
+    out = []
+    for d in GS_D:
+        for b in GS_B:
+            cnn6 = (d, b) in ((27, 1), (576, 5), (1024, 1))
+            prio = 0 if cnn6 else {1: 1, 5: 2, 64: 3}[b]
+            tag = "CNN-6 (64-wide) d-group" if cnn6 else "gram_schmidt grid"
+            out.append((Shape(d, b, tag, prio=prio), (F32, F64) if (d, b) == (144, 5) else (F32,)))
+    return out
 
 
 def _full() -> Dict[str, List[Tuple[Shape, Tuple]]]:
@@ -125,7 +145,8 @@ def _full() -> Dict[str, List[Tuple[Shape, Tuple]]]:
     low = [(Shape(d, b, "lowdin grid", prio=0 if b == 1 else (1 if b == 5 else 3)),
             (F32, F64) if b == 1 and d <= 1024 else (F32,))
            for d in (27, 144, 576, 1024, 2304) for b in (1, 5, 64)]
-    return {"square": sq, "householder_k": hk, "apply": apply, "cayley_peft": peft, "lowdin": low}
+    return {"square": sq, "householder_k": hk, "apply": apply, "cayley_peft": peft, "lowdin": low,
+            "gram_schmidt": _gram_schmidt_grid()}
 
 
 def shape_sets(size: str) -> Dict[str, List[Tuple[Shape, Tuple]]]:

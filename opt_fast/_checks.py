@@ -111,6 +111,29 @@ def cayley(S: Tensor) -> None:
     square("cayley", "S", S)
 
 
+def gram_schmidt_backward(grad: Tensor, P: Tensor, Q: Tensor) -> None:
+    op = "gram_schmidt_backward"
+    grad_like(op, grad, Q.shape)
+    if P.shape != Q.shape:
+        fail(op, f"expected P and Q of the same shape, got P {_shape(P)} and Q {_shape(Q)}")
+    same_device_dtype(op, "grad", grad, "Q", Q)
+    same_device_dtype(op, "P", P, "Q", Q)
+    float_matrix(op, "Q", Q)
+
+
+def finite_gradient(op: str, out: Tensor, *inputs: Tensor) -> None:
+    """A non-finite gradient from finite inputs means a singular R (rank-deficient P): raise rather than hand
+    back inf/NaN. Non-finite inputs are not an error: their NaN propagates. Skipped while tracing (fake
+    tensors: torch.compile, AOT autograd of the double backward), where there are no values to test."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or any(is_fake(t) or t.device.type == "meta" for t in (out, *inputs)):
+        return
+    if not bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in inputs):
+        fail(op, "P is rank deficient (R = QᵀP has a zero diagonal entry), so Q is not a differentiable "
+                 "function of P there and the gradient is undefined")
+
+
 def grad_like(op: str, grad: Tensor, out_shape) -> None:
     """Backward ops: the incoming gradient has the forward output's shape."""
     if grad.shape != out_shape:

@@ -6,8 +6,11 @@ mathematical result with Householder QR (LAPACK geqrf/orgqr: orthogonality O(u) 
 signs so that diag(R) > 0. ``block_size`` belongs to the blockwise kernels; the reference ignores it.
 
 Rank deficiency: the forward stays finite (Householder QR of a singular matrix is defined; where
-R_jj = 0 the sign is taken as +1), but Q is then not unique and the backward, which solves with R, gives
-inf/NaN. OPT's parameters are full rank with probability 1.
+R_jj = 0 the sign is taken as +1), but Q is then not unique and not differentiable: the backward, which
+solves with R, raises "opt_fast.gram_schmidt_backward: P is rank deficient ..." when finite inputs give a
+non-finite gradient (an exact zero, or an underflowing R_jj). Non-finite inputs are no error: their NaN
+propagates to the output, in both directions. OPT's parameters are full rank with probability 1. The C++
+kernel (csrc/cpu/gram_schmidt.cpp) follows both rules.
 
 Backward by the QR adjoint (no unrolling). For P = QR (m >= n), an upstream gradient G on Q and none on R:
 
@@ -33,9 +36,11 @@ def gram_schmidt_ref(P: Tensor, block_size: int = 0) -> Tensor:
 
 
 def gram_schmidt_backward_ref(grad: Tensor, P: Tensor, Q: Tensor) -> Tensor:
-    _checks.grad_like("gram_schmidt_backward", grad, Q.shape)
+    _checks.gram_schmidt_backward(grad, P, Q)
     R = (Q.mT @ P).triu()
     M = -(grad.mT @ Q)
     M = M.tril() + M.tril(-1).mT
     B = grad + Q @ M
-    return torch.linalg.solve_triangular(R.mT, B, upper=False, left=False)
+    out = torch.linalg.solve_triangular(R.mT, B, upper=False, left=False)
+    _checks.finite_gradient("gram_schmidt_backward", out, grad, P, Q)
+    return out
