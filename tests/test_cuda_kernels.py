@@ -397,6 +397,22 @@ def test_gram_schmidt_batch64_and_nan():
     assert not Q[1, :, :10].isnan().any()  # columns before the NaN one do not see it
 
 
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_gram_schmidt_rank_deficient(dtype):
+    # forward: finite and orthonormal like the reference (Householder fallback); backward: the CPU's error
+    P = torch.randn(2, 30, 30, dtype=F64)
+    P[0, :, 7] = 0            # a zero column: Gram-Schmidt would divide 0 by 0
+    P[1, :, 12] = P[1, :, 3]  # an exactly repeated column
+    Pd = to(P, dtype)
+    Q = ops.gram_schmidt(Pd, 0)
+    assert torch.isfinite(Q).all()
+    assert orth_err(Q) <= (1e-5 if dtype == F32 else 1e-12)
+    R = torch.triu(Q.mT @ Pd)
+    torch.testing.assert_close(Q @ R, Pd, rtol=0, atol=1e-4 if dtype == F32 else 1e-11)
+    with pytest.raises(RuntimeError, match=r"opt_fast.gram_schmidt_backward: P is rank deficient"):
+        ops.gram_schmidt_backward(torch.ones_like(Q), Pd[:1], Q[:1])
+
+
 # ---- gradcheck (float64, small sizes): autograd -> the CUDA backward ops ---------------------------------
 
 @with_paths

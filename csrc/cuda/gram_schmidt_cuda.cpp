@@ -12,6 +12,7 @@
 
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -66,6 +67,22 @@ void project_out_(const Tensor& Wt, const Tensor& Qpt) {
   Wt.sub_(at::bmm(C.mT(), Qpt));
 }
 
+// Rank-deficient P (documented in opt_fast/reference/gram_schmidt.py): the forward must stay finite and
+// the backward must raise, as on the CPU. Gram-Schmidt divides by a residual norm that is exactly zero for
+// such columns, so a finite P whose Q came out non-finite is recomputed by Householder QR (cuSOLVER through
+// ATen, the reference's sign rule: R_jj = 0 takes +1). Both checks read one flag back to the host; they are
+// skipped while a CUDA graph is being captured (a sync is not allowed there).
+bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
+
+bool all_finite(const Tensor& t) { return at::isfinite(t).all().item<bool>(); }
+
+Tensor householder_q(const Tensor& P3) {
+  const auto [Q, R] = at::linalg_qr(P3, "reduced");
+  const auto diag = R.diagonal(0, -2, -1);
+  const auto sign = at::where(diag.lt(0), -1.0, 1.0).to(diag.scalar_type());
+  return Q * sign.unsqueeze(-2);
+}
+
 Tensor gram_schmidt_cuda(const Tensor& P, int64_t block_size) {
   const char* op = "gram_schmidt";
   check_gs_input(op, P);
@@ -86,7 +103,9 @@ Tensor gram_schmidt_cuda(const Tensor& P, int64_t block_size) {
     }
     panel_qr_(Wt, scope.stream);
   }
-  return Qt.mT().contiguous().view(P.sizes());
+  auto Q = Qt.mT().contiguous();
+  if (!capturing() && !all_finite(Q) && all_finite(P)) Q = householder_q(P.reshape({B, m, n})).contiguous();
+  return Q.view(P.sizes());
 }
 
 Tensor gram_schmidt_backward_cuda(const Tensor& grad, const Tensor& P, const Tensor& Q) {
@@ -112,6 +131,9 @@ Tensor gram_schmidt_backward_cuda(const Tensor& grad, const Tensor& P, const Ten
   const auto rhs = at::baddbmm(G, Q3, Msym);  // G + Q copyltu(-GᵀQ)
   // X Rᵀ = rhs
   const auto dP = at::linalg_solve_triangular(R.mT(), rhs, /*upper=*/false, /*left=*/false);
+  TORCH_CHECK(capturing() || all_finite(dP) || !(all_finite(grad) && all_finite(P) && all_finite(Q)), "opt_fast.", op,
+              ": P is rank deficient (R = QᵀP has a zero diagonal entry), so Q is not a differentiable ",
+              "function of P there and the gradient is undefined");
   return dP.contiguous().view(P.sizes());
 }
 
