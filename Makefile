@@ -16,7 +16,8 @@ venv: $(STAMP)
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	# --no-compile: byte-compiling all of torch costs ~1 min; Python compiles what it imports on first use
+	$(PY) -m pip install -q --no-compile -r requirements-dev.txt
 	touch $(STAMP)
 
 build: venv

@@ -45,13 +45,16 @@ def extensions():
 
     debug = flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0 for the host compiler: Python's default CFLAGS carry -g, and debug info for ATen's templates makes
+    # the build ~1.5x slower (79 s -> 52 s on 2 cores)
+    no_g = [] if debug else ["-g0"]
     sources = ["csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = opt + ["-std=c++17", "-DPy_LIMITED_API=0x030A0000"]
+    cxx = opt + no_g + ["-std=c++17", "-DPy_LIMITED_API=0x030A0000"]
     kwargs = {}
     use_cuda = cuda_wanted(torch.version.cuda, CUDA_HOME)
     if use_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        nvcc = opt + ["-std=c++17", "--threads", os.environ.get("NVCC_THREADS", "4")]
+        nvcc = opt + [f for g in no_g for f in ("-Xcompiler", g)] + ["-std=c++17", "--threads", os.environ.get("NVCC_THREADS", "4")]
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DOPT_FAST_WITH_CUDA"], "nvcc": nvcc + ["-DOPT_FAST_WITH_CUDA"]}
         ext_cls = CUDAExtension
     else:
