@@ -123,9 +123,12 @@ def _err(e: BaseException) -> str:
 
 def train_step_times(batch: int, device, methods=METHODS, steps: int = 3,
                      progress: Optional[Callable[[str], None]] = None, deadline: Optional[float] = None) -> dict:
-    """{"plain_s", "methods": {m: {"step_s", "ratio", "target", "met", "status"}}}; plain is timed before
-    and after the methods, and its median over both runs is the denominator. Methods not started by
-    ``deadline`` (a perf_counter value) are marked skipped."""
+    """{"plain_s", "methods": {m: {"step_s", "ratio", "target", "met", "status"}}}.
+
+    Every network is built and warmed up first; then ``steps`` interleaved rounds time one step of each
+    (plain included) per round, so a load change on a shared machine hits every method alike, and each
+    ratio is median(method) / median(plain). Methods not built by ``deadline`` (a perf_counter value) are
+    marked skipped; past the deadline no new round starts (at least one runs)."""
     note = progress or (lambda s: None)
     reason = nn_unavailable()
     res: dict = {"batch": batch, "steps": steps, "status": reason or "ok", "methods": {}}
@@ -134,28 +137,40 @@ def train_step_times(batch: int, device, methods=METHODS, steps: int = 3,
             note(f"e2e {label}")
         return res
     note("e2e plain")
-    plain = time_steps(make_step("plain", batch, device), device, steps=steps, deadline=deadline)
+    fns: Dict[str, Callable[[], None]] = {"plain": make_step("plain", batch, device)}
+    fns["plain"]()
     for m in methods:
         note(f"e2e {m}")
         entry: Dict[str, object] = {"target": TARGETS.get(m)}
+        res["methods"][m] = entry
         if _over(deadline):
             entry["status"] = "skipped: time budget"
-            res["methods"][m] = entry
             continue
         try:
-            entry["samples_s"] = time_steps(make_step(m, batch, device), device, steps=steps, deadline=deadline)
-            entry["step_s"] = statistics.median(entry["samples_s"])
-            entry["status"] = "ok"
+            fn = make_step(m, batch, device)
+            fn()   # warm-up
+            fns[m] = fn
+            entry["status"], entry["samples_s"] = "ok", []
         except Exception as e:
             entry["status"] = _err(e)
-        res["methods"][m] = entry
+    plain: List[float] = []
+    for r in range(steps):
+        if r > 0 and _over(deadline):
+            break
+        for name, fn in list(fns.items()):
+            try:
+                t = time_steps(fn, device, warmup=0, steps=1)[0]
+            except Exception as e:
+                res["methods"][name]["status"] = _err(e)
+                del fns[name]
+                continue
+            (plain if name == "plain" else res["methods"][name]["samples_s"]).append(t)
     note("e2e plain (again)")
-    if not _over(deadline):
-        plain += time_steps(make_step("plain", batch, device), device, steps=steps, deadline=deadline)
     res["plain_s"] = statistics.median(plain)
     res["plain_samples_s"] = plain
     for m, e in res["methods"].items():
-        if e.get("step_s"):
+        if e.get("status") == "ok" and e.get("samples_s"):
+            e["step_s"] = statistics.median(e["samples_s"])
             e["ratio"] = e["step_s"] / res["plain_s"]
             e["met"] = None if e["target"] is None else e["ratio"] <= e["target"]
     return res

@@ -195,7 +195,7 @@ def markdown(res: dict, plot_paths: dict, out_dir: str) -> str:
         L += ["## End to end", "", f"### CNN-6 training step (forward + backward + optimizer step), batch {e['batch']}",
               "", "OPT layers from `opt_fast.nn.convert(model, method=m)` (`score` left plain); ogd trains R with "
               "`opt_fast.optim.CayleySGD`. Ratio = OPT step / plain step of the same network, both measured in "
-              "this run on this machine (plain timed before and after the methods; median). Targets: ≤ 1.3× "
+              "this run on this machine (every network warmed up, then interleaved rounds of one step each; medians). Targets: ≤ 1.3× "
               "for gram_schmidt, householder, cayley; ≤ 1.6× for lowdin.", ""]
         L += [tables.md_table(tables.E2E_HEADER, tables.e2e_rows(e)) if e["status"] == "ok" else f"*{e['status']}*", ""]
         ls = res["layer_set"]
