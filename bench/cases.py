@@ -80,7 +80,7 @@ DIFF_INPUTS = {
     "gram_schmidt": ("P",), "lowdin": ("P",), "cayley": ("S",),
 }
 SHAPE_SETS = {
-    "householder_product": ("square", "householder_k"), "householder_orthogonal": ("square", "householder_k"),
+    "householder_product": ("householder", "householder_k"), "householder_orthogonal": ("householder", "householder_k"),
     "householder_apply": ("apply",), "gram_schmidt": ("gram_schmidt",), "lowdin": ("lowdin",),
     "cayley": ("square", "cayley_peft"),
 }

@@ -62,6 +62,7 @@ def _smoke() -> Dict[str, List[Tuple[Shape, Tuple]]]:
         "apply": [(Shape(8, 3, "tiny batch", n=4), (F32,)), (Shape(27, 1, "CNN-6 conv1_0", n=16), (F32,))],
         "cayley_peft": [(Shape(8, 8, "OFT blocks", norm=0.5), (F32,))],
         "gram_schmidt": sq,
+        "householder": sq,
         "e2e": [],
     }
 
@@ -80,7 +81,11 @@ def _default() -> Dict[str, List[Tuple[Shape, Tuple]]]:
                   (Shape(576, 1, "CNN-6 3×3 conv", n=64), (F32,))],
         "cayley_peft": [(Shape(32, 128, "OFT block 32 (4096/32 blocks)", norm=0.5), (F32,))],
         "gram_schmidt": [(s, dt) for s, dt in _gram_schmidt_grid() if (s.d, s.b) in GS_DEFAULT],
+        "householder": sq,
     }
+
+
+HH_D, HH_B = (27, 64, 288, 576, 1024, 2304), (1, 5, 64)   # issue 4's grid (--full)
 
 
 # gram_schmidt's own grid (issue 5): d ∈ {27, 144, 576, 1024, 2304} × b ∈ {1, 5, 64}. Priority: CNN-6's
@@ -145,8 +150,15 @@ def _full() -> Dict[str, List[Tuple[Shape, Tuple]]]:
     low = [(Shape(d, b, "lowdin grid", prio=0 if b == 1 else (1 if b == 5 else 3)),
             (F32, F64) if b == 1 and d <= 1024 else (F32,))
            for d in (27, 144, 576, 1024, 2304) for b in (1, 5, 64)]
+    # the Householder ops' grid (issue 4): d × batch, after the OPT nets' shapes; apply with n = 64
+    seen_hh = {(s.d, s.b) for s, _ in sq}
+    hh = sq + [(Shape(d, b, "Householder grid", prio=2 if b < 64 else 3), (F32,))
+               for d in HH_D for b in HH_B if (d, b) not in seen_hh]
+    seen_apply = {(s.d, s.b, s.n) for s, _ in apply}
+    apply = apply + [(Shape(d, b, "Householder grid", n=64, prio=2 if b < 64 else 3), (F32,))
+                     for d in HH_D for b in HH_B if (d, b, 64) not in seen_apply]
     return {"square": sq, "householder_k": hk, "apply": apply, "cayley_peft": peft, "lowdin": low,
-            "gram_schmidt": _gram_schmidt_grid()}
+            "gram_schmidt": _gram_schmidt_grid(), "householder": hh}
 
 
 def shape_sets(size: str) -> Dict[str, List[Tuple[Shape, Tuple]]]:

@@ -33,7 +33,8 @@ class Target:
     bound: float
     better: str           # "le": ratio <= bound is met; "ge": ratio >= bound is met
     build: Builder
-    unit: str = "×"       # "µs" for an absolute time (denominator None)
+    unit: str = "×"       # "µs" for an absolute time (denominator None); "" for an accuracy
+    metric: str = "time"  # "time": build -> (numerator, denominator, output); "accuracy": build -> (value, detail)
 
 
 def _randn(*shape, device, seed=0, dtype=torch.float32):
@@ -165,6 +166,35 @@ def _lowdin_eager_over_ours(dev, d=1024, b=5):
     return _no_grad(lowdin_ref, P), _no_grad(ops.lowdin, P), ops.lowdin(P)
 
 
+# ---- accuracy (issues 5 and 6): one N(0,1) matrix per size, float32 ---------------------------------------
+
+def _gs_accuracy(dev, d):
+    P = _randn(1, d, d, device=dev, seed=7)
+    Q = ops.gram_schmidt(P)
+    Q64 = I.qr_sign(P.double())
+    err, err_torch = ((x.double() - Q64).norm().item() for x in (Q, I.qr_sign(P)))
+    return _orth_err(Q), {"err_vs_f64": err, "torch_err_vs_f64": err_torch, "err_ratio": err / err_torch}
+
+
+def _lowdin_accuracy(dev, d):
+    P = _randn(1, d, d, device=dev, seed=7)
+    R = ops.lowdin(P)
+    R64 = I.svd_polar(P.double())
+    err, err_torch = ((x.double() - R64).norm().item() for x in (R, I.svd_polar(P)))
+    return _orth_err(R), {"err_vs_f64": err, "torch_err_vs_f64": err_torch, "err_ratio": err / err_torch}
+
+
+def _accuracy_targets(device: str) -> List[Target]:
+    # met: orthogonality within the bound and the error vs float64 at most 2x torch's own (the accuracy rule)
+    out = [Target(5, device, "gram_schmidt ‖QᵀQ − I‖_F/√d (err vs float64 / torch.linalg.qr's in the last column)",
+                  f"d = {d}, batch 1, float32", 1e-5, "le", (lambda dev, d=d: _gs_accuracy(dev, d)), unit="",
+                  metric="accuracy") for d in (576, 1024, 2304)]
+    out += [Target(6, device, "lowdin ‖RᵀR − I‖_F/√d (err vs float64 SVD polar / float32 SVD's in the last column)",
+                   f"d = {d}, batch 1, float32", 1e-5, "le", (lambda dev, d=d: _lowdin_accuracy(dev, d)), unit="",
+                   metric="accuracy") for d in (576, 1024)]
+    return out
+
+
 TARGETS: List[Target] = [
     Target(4, "cpu", "householder_product fwd / torch.linalg.householder_product (LAPACK orgqr)",
            "d = k = 512, batch 1, float32", 1.0, "le", _hh_product_fwd),
@@ -197,7 +227,7 @@ TARGETS: List[Target] = [
            _lowdin_warm_vs_bmm),
     Target(6, "cuda", "reference iteration in torch eager / lowdin (Triton)", "d = 1024, batch 5, float32", 1.3,
            "ge", _lowdin_eager_over_ours),
-]
+] + _accuracy_targets("cpu") + _accuracy_targets("cuda")
 
 
 def _time_once(fn: Fn, device) -> float:
@@ -209,7 +239,13 @@ def _time_once(fn: Fn, device) -> float:
 
 
 def measure(target: Target, device, seconds: float = 6.0, min_rounds: int = 3, max_rounds: int = 30) -> dict:
-    """Interleaved medians of both sides; at least ``min_rounds`` rounds, then until ``seconds`` pass."""
+    """Interleaved medians of both sides; at least ``min_rounds`` rounds, then until ``seconds`` pass.
+    Accuracy targets are computed once."""
+    if target.metric == "accuracy":
+        value, detail = target.build(device)
+        return {"issue": target.issue, "device": target.device, "what": target.what, "shape": target.shape,
+                "bound": target.bound, "better": target.better, "unit": target.unit, "metric": "accuracy",
+                "value": value, "met": bool(value <= target.bound and detail["err_ratio"] <= 2.0), **detail}
     num, den, out = target.build(device)
     _time_once(num, device)                          # warm-up (JIT, allocator, LAPACK workspace)
     if den is not None:
@@ -272,9 +308,14 @@ def rows(records: List[dict]) -> List[List[str]]:
     out = []
     for r in records:
         sign = "≤" if r["better"] == "le" else "≥"
-        bound = f"{sign} {r['bound']:g}{' µs' if r['unit'] == 'µs' else '×'}"
+        bound = f"{sign} {r['bound']:g}{ {'µs': ' µs', '': ''}.get(r['unit'], '×')}"
         if r.get("status") != "ok":
             out.append([f"#{r['issue']}", r["what"], r["shape"], "–", bound, r.get("status", "?"), "–", "–"])
+            continue
+        if r.get("metric") == "accuracy":
+            out.append([f"#{r['issue']}", r["what"], r["shape"], f"{r['value']:.1e}", bound,
+                        "met" if r["met"] else "NOT met", f"{r['value']:.1e}",
+                        f"err ratio {r['err_ratio']:.2f} (≤ 2)"])
             continue
         value = f"{r['value']:.1f} µs" if r["unit"] == "µs" else f"{r['value']:.2f}×"
         times = f"{r['numerator_s'] * 1e3:.2f} ms" + (
@@ -285,4 +326,4 @@ def rows(records: List[dict]) -> List[List[str]]:
     return out
 
 
-HEADER = ["issue", "ratio", "shape", "measured", "target", "status", "‖RᵀR−I‖_F/√d", "times (median)"]
+HEADER = ["issue", "ratio", "shape", "measured", "target", "status", "‖RᵀR−I‖_F/√d", "times (median) / accuracy rule"]
