@@ -10,15 +10,24 @@ namespace {
 at::Tensor cayley_cpu(const at::Tensor& S) {
   check_square("cayley", "S", S);
   const int64_t d = S.size(-1);
+  if (S.numel() == 0) return at::empty(S.sizes(), S.options());
   auto eye = eye_like(S, d);
-  auto [M, info] = at::linalg_inv_ex(eye - S);
-  if (S.numel() > 0) {
-    TORCH_CHECK(!(info > 0).any().item<bool>(), "opt_fast.cayley: I - S is singular ",
-                "(S must be skew-symmetric, or at least have no eigenvalue 1)");
+  // One LU inverse per matrix rather than one batched call: with torch 2.13 + MKL 2024.2, batched LU after
+  // torch.set_num_threads(n > 1) returned invalid pivots (and once spun) on our CI machine, while
+  // per-matrix calls did not (README, limitations); the work is the same, LAPACK threads inside each call.
+  auto A = (eye - S).reshape({-1, d, d});
+  auto M = at::empty_like(A, at::MemoryFormat::Contiguous);
+  bool singular = false;
+  for (int64_t b = 0; b < A.size(0); ++b) {
+    auto [Mb, info] = at::linalg_inv_ex(A[b]);
+    M[b].copy_(Mb);
+    singular = singular || info.item<int64_t>() > 0;
   }
+  TORCH_CHECK(!singular, "opt_fast.cayley: I - S is singular ",
+              "(S must be skew-symmetric, or at least have no eigenvalue 1)");
   M.mul_(2.0);
   M.diagonal(0, -2, -1).sub_(1.0);  // Q = 2 (I - S)^-1 - I, in place
-  return M.contiguous();
+  return M.view(S.sizes());
 }
 
 at::Tensor cayley_backward_cpu(const at::Tensor& grad, const at::Tensor& Q) {
