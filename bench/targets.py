@@ -168,20 +168,22 @@ def _lowdin_eager_over_ours(dev, d=1024, b=5):
 
 # ---- accuracy (issues 5 and 6): one N(0,1) matrix per size, float32 ---------------------------------------
 
-def _gs_accuracy(dev, d):
+def _accuracy(op: Callable, torch_map: Callable, dev, d):
+    """Orthogonality of op(P) for one N(0,1) P, and its error against torch_map in float64 relative to
+    torch_map's own float32 error (the accuracy rule)."""
     P = _randn(1, d, d, device=dev, seed=7)
-    Q = ops.gram_schmidt(P)
-    Q64 = I.qr_sign(P.double())
-    err, err_torch = ((x.double() - Q64).norm().item() for x in (Q, I.qr_sign(P)))
-    return _orth_err(Q), {"err_vs_f64": err, "torch_err_vs_f64": err_torch, "err_ratio": err / err_torch}
+    out = op(P)
+    exact = torch_map(P.double())
+    err, err_torch = ((x.double() - exact).norm().item() for x in (out, torch_map(P)))
+    return _orth_err(out), {"err_vs_f64": err, "torch_err_vs_f64": err_torch, "err_ratio": err / err_torch}
+
+
+def _gs_accuracy(dev, d):
+    return _accuracy(ops.gram_schmidt, I.qr_sign, dev, d)
 
 
 def _lowdin_accuracy(dev, d):
-    P = _randn(1, d, d, device=dev, seed=7)
-    R = ops.lowdin(P)
-    R64 = I.svd_polar(P.double())
-    err, err_torch = ((x.double() - R64).norm().item() for x in (R, I.svd_polar(P)))
-    return _orth_err(R), {"err_vs_f64": err, "torch_err_vs_f64": err_torch, "err_ratio": err / err_torch}
+    return _accuracy(ops.lowdin, I.svd_polar, dev, d)
 
 
 def _accuracy_targets(device: str) -> List[Target]:

@@ -33,6 +33,13 @@ inline void check_grad_shape(const char* op, const at::Tensor& grad, at::IntArra
               grad.sizes());
 }
 
+// Number of matrices in t: the product of its leading dims, all but the last nd.
+inline int64_t batch_numel(const at::Tensor& t, int64_t nd = 2) {
+  int64_t b = 1;
+  for (int64_t i = 0; i + nd < t.dim(); ++i) b *= t.size(i);
+  return b;
+}
+
 // Identity matrix of size d with t's dtype and device.
 inline at::Tensor eye_like(const at::Tensor& t, int64_t d) { return at::eye(d, t.options()); }
 

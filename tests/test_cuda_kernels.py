@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import opt_fast
+from _refs import householder_apply_torch as reflect_loop  # H(v_1)…H(v_k) X by rank-1 reflections
+from _refs import householder_orthogonal_torch as orth_loop
 from opt_fast.reference import gram_schmidt as RG
 from opt_fast.reference import householder as RH
 
@@ -73,22 +75,6 @@ def lapack_reflectors(m, n, k, batch=()):
 
 def to(x, dtype):
     return x.to(device=DEV, dtype=dtype)
-
-
-def reflect_loop(V, X):
-    """H(v_1)…H(v_k) X by rank-1 reflections in plain PyTorch: torch's own dense float32 yardstick."""
-    out = X
-    for i in reversed(range(V.shape[-1])):
-        v = V[..., i : i + 1]
-        sq = (v * v).sum(-2, keepdim=True)
-        coef = torch.where(sq > 0, 2.0 / torch.where(sq > 0, sq, torch.ones_like(sq)), torch.zeros_like(sq))
-        out = out - v @ (coef * (v.mT @ out))
-    return out
-
-
-def orth_loop(V):
-    d = V.shape[-2]
-    return reflect_loop(V, torch.eye(d, dtype=V.dtype, device=V.device).expand(*V.shape[:-2], d, d))
 
 
 def torch_grads(fn, args, grad):

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import opt_fast
+from _refs import householder_apply_torch as reflect_loop  # H(v_1)…H(v_k) X by rank-1 reflections
+from _refs import householder_orthogonal_torch as orth_loop
 from opt_fast.reference import householder as R
 
 pytestmark = pytest.mark.skipif(
@@ -47,22 +49,6 @@ def strided(x, how):
     big = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("inf"), dtype=x.dtype)
     big[..., ::2] = x
     return big[..., ::2]
-
-
-def reflect_loop(V, X):
-    """H(v_1)…H(v_k) X by rank-1 reflections (plain PyTorch, differentiable): the dense ops' torch yardstick."""
-    out = X
-    for i in reversed(range(V.shape[-1])):
-        v = V[..., i : i + 1]
-        sq = (v * v).sum(-2, keepdim=True)
-        coef = torch.where(sq > 0, 2.0 / torch.where(sq > 0, sq, torch.ones_like(sq)), torch.zeros_like(sq))
-        out = out - v @ (coef * (v.mT @ out))
-    return out
-
-
-def orth_loop(V):
-    d = V.shape[-2]
-    return reflect_loop(V, torch.eye(d, dtype=V.dtype).expand(*V.shape[:-2], d, d))
 
 
 def torch_grads(fn, args, grad):

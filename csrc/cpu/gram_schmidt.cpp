@@ -65,12 +65,6 @@ void check_forward(const Tensor& P, int64_t block_size) {
   TORCH_CHECK(block_size >= 0, "opt_fast.", op, ": expected block_size >= 0 (0 = automatic), got ", block_size);
 }
 
-int64_t batch_numel(const Tensor& t) {
-  int64_t B = 1;
-  for (int64_t i = 0; i + 2 < t.dim(); ++i) B *= t.size(i);
-  return B;
-}
-
 // f(b) for b in [0, B). With T > 1 threads and B >= T, whole matrices go to threads (each LAPACK/BLAS call
 // then runs single-threaded: MKL does not nest inside an OpenMP region), in equal shares of B / T; the
 // remaining B mod T matrices run one after another with all threads inside each call. One matrix per

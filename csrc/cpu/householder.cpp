@@ -438,12 +438,6 @@ std::pair<Tensor, Tensor> t_backward(const Tensor& dT, const Tensor& N, const Te
   return {dtau, sym};
 }
 
-int64_t batch_numel(const Tensor& t, int64_t nd) {
-  int64_t b = 1;
-  for (int64_t i = 0; i < t.dim() - nd; ++i) b *= t.size(i);
-  return b;
-}
-
 // Y = the unit-lower-trapezoidal part of V[..., :k], as a new [B, m, k] in V's orientation: row-major, or
 // column-major when V is (LAPACK's geqrf returns column-major V), so that the copy never transposes.
 template <typename scalar_t>

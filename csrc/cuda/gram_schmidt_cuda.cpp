@@ -8,6 +8,7 @@
 //     R = triu(Qᵀ P),  M = -Gᵀ Q,  grad_P = (G + Q copyltu(M)) R⁻ᵀ,
 // three GEMMs, one kernel and one triangular solve (at::linalg_solve_triangular), all batched.
 #include "../opt_fast.h"
+#include "cuda_scope.h"
 #include "gram_schmidt_kernels.cuh"
 
 #include <ATen/Dispatch.h>
@@ -28,19 +29,6 @@ namespace k = opt_fast::cuda;
 // one thread block per matrix, so wider panels move work from cuBLAS onto one SM per matrix.
 constexpr int64_t kAutoSinglePanel = 64;
 constexpr int64_t kAutoPanel = 32;
-
-struct CudaScope {
-  c10::cuda::CUDAGuard device;
-  at::NoTF32Guard no_tf32;
-  cudaStream_t stream;
-  explicit CudaScope(const Tensor& t) : device(t.device()), stream(c10::cuda::getCurrentCUDAStream().stream()) {}
-};
-
-int64_t batch_numel(const Tensor& t) {
-  int64_t b = 1;
-  for (int64_t i = 0; i < t.dim() - 2; ++i) b *= t.size(i);
-  return b;
-}
 
 // Wording of opt_fast/_checks.py.
 void check_gs_input(const char* op, const Tensor& P) {

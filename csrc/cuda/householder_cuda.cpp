@@ -18,6 +18,7 @@
 // OPT_FAST_CUDA_SMALL=0 in the environment disables the small-d path (tests use it to cover both paths).
 #include "../householder_checks.h"
 #include "../opt_fast.h"
+#include "cuda_scope.h"
 #include "householder_kernels.cuh"
 
 #include <ATen/Dispatch.h>
@@ -38,20 +39,6 @@ namespace k = opt_fast::cuda;
 
 constexpr int64_t kSmallMaxRows = 160;  // covers d = 27 and the stochastic-OPT blocks (m = 90-160)
 constexpr int64_t kSmallMaxCols = 512;
-
-// Device, stream and math mode of one op call.
-struct CudaScope {
-  c10::cuda::CUDAGuard device;
-  at::NoTF32Guard no_tf32;
-  cudaStream_t stream;
-  explicit CudaScope(const Tensor& t) : device(t.device()), stream(c10::cuda::getCurrentCUDAStream().stream()) {}
-};
-
-int64_t batch_numel(const Tensor& t, int64_t nd) {
-  int64_t b = 1;
-  for (int64_t i = 0; i < t.dim() - nd; ++i) b *= t.size(i);
-  return b;
-}
 
 bool small_path_enabled() {
   const char* v = std::getenv("OPT_FAST_CUDA_SMALL");
