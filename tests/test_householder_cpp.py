@@ -167,6 +167,26 @@ def test_dense_f32(d, k, n, batch):
     rule32(dX, dX64, tX, "householder_apply_backward dX")
 
 
+# householder_apply runs in panels of 64 reflectors (kApplyPanel): one short of, exactly at and one past a panel
+# boundary, two full panels, a column-major V (LAPACK layout), and n from 1 to more than d.
+@pytest.mark.parametrize("d,k,n", [(130, 63, 1), (130, 64, 64), (130, 65, 7), (200, 128, 64), (200, 193, 250)])
+def test_apply_panels(d, k, n):
+    V, X = dense_inputs(d, k, n, (2,))
+    G = torch.randn_like(X)
+    for Vin in (V, V.mT.contiguous().mT):
+        close64(ops.householder_apply(Vin, X), R.householder_apply_ref(V, X), scale=d)
+        dV, dX = ops.householder_apply_backward(G, Vin, X)
+        dV_ref, dX_ref = R.householder_apply_backward_ref(G, V, X)
+        close64(dV, dV_ref, scale=d * d)
+        close64(dX, dX_ref, scale=d)
+    V32, X32 = V.float(), X.float()
+    rule32(ops.householder_apply(V32, X32), R.householder_apply_ref(V, X), reflect_loop(V32, X32), "householder_apply")
+    dV, dX = ops.householder_apply_backward(G.float(), V32, X32)
+    tV, tX = torch_grads(reflect_loop, [V32, X32], G.float())
+    rule32(dV, dV_ref, tV, "householder_apply_backward dV")
+    rule32(dX, dX_ref, tX, "householder_apply_backward dX")
+
+
 # ---- layouts: non-contiguous inputs, expanded grad ------------------------------------------------
 
 @pytest.mark.parametrize("how", ["mT", "slice"])
