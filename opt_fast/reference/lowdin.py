@@ -62,10 +62,15 @@ Warm start R0 (previous step's R) — measured outcome
 Target was: P moved by 1e-3 (relative, Frobenius), same accuracy as the cold start, 3x faster than
 the SVD route. Not achievable with R0 here; what R0 does now is a certified reuse (`_warm_start`).
 
-Why. With R0 = R exp(-Ω) and E the change of P, Ωᵢⱼ ≈ (RᵀE - EᵀR)ᵢⱼ / (σᵢ + σⱼ) in H's eigenbasis.
-For N(0,1) P the smallest σ are O(1/sqrt(d)) while the change's 2-norm is ~1e-3 * 2 sqrt(d), so the
-polar factor of the moved P differs from R0 by O(1) in the few directions with small σ: R0 does not
-know them, and resolving them is exactly the log(σ_max/σ_min) work of the cold iteration.
+Why. With R0 = R exp(-Ω) and E the change of P, Ωᵢⱼ ≈ (RᵀE - EᵀR)ᵢⱼ / (σᵢ + σⱼ) in H's eigenbasis: the
+entries of RᵀE are ~1e-3 (E is 1e-3 of N(0,1) entries), the smallest σ are ~1/sqrt(d), so the rotation
+concentrates in the small-σ directions. Measured (float64, d = 576, 4 seeds, P moved by 1e-3 relative):
+||R - R0||_2 = 1.5-2.9e-2, ||R - R0||_F / sqrt(d) = 2.0-2.5e-3, i.e. ~1000x the float32 error of the SVD
+route (2.3e-6): R0 is a good guess, but the correction must still be resolved to about 3 digits, and every
+correction step is the Lyapunov solve ΩS + SΩ = 2 skew(R0ᵀP) (S = sym(R0ᵀP) ≈ H), conditioned like H
+(κ ~ 1e3-1e5). It needs H's eigenbasis (eigh: 6.8 t_bmm at batch 5 × 576 here) or a matrix iteration of
+about log2 κ steps (the cold iteration's work again); the 3x target against the SVD route (14.6 t_bmm)
+leaves 4.9 t_bmm, of which R0ᵀP and the final product take 2. What was tried:
   * Cholesky route X0 = P H̃⁻¹, H̃ = sym(R0ᵀP), then Newton–Schulz: X0 = R H H̃⁻¹ converges to
     polar(H H̃⁻¹) ≠ I times R. To first order the result is R exp(c ∘ Ω) with cᵢⱼ = (σᵢ - σⱼ)²/(4σᵢσⱼ),
     i.e. the error of R0 is amplified up to κ/4. Measured (batch 5, d = 576, float32): error 5e3-3.5e4x
