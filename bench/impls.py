@@ -332,7 +332,18 @@ def _has_polar(shape, device_type, mode):
     return None if hasattr(torch.linalg, "polar") else "not in this torch"
 
 
-LOWDIN = _common("lowdin", "P") + [
+def _lowdin_functional(P):
+    import opt_fast.functional as F
+    return F.lowdin(P)
+
+
+# The opt_fast row is opt_fast.functional.lowdin, what users and the OPT layers call: the op itself, except
+# on the CPU with a gradient, where the same SVD route comes from lowdin_svd with its factors kept.
+LOWDIN = [
+    Impl("opt_fast", "opt_fast", fn_setup(_lowdin_functional, "P"),
+         note="opt_fast.functional.lowdin: torch.ops.opt_fast.lowdin; on the CPU with a gradient lowdin_svd "
+              "(the SVD route keeping its factors: backward four matmuls)"),
+] + _common("lowdin", "P")[1:] + [
     Impl("opt_fast (warm start R0)", "opt_fast", _lowdin_warm_setup,
          note="R0 = polar factor of a 1e-3 perturbation of P (a training step's warm start): stale, so the "
               "certified-reuse check fails and the cold iteration runs (reference docstring)"),

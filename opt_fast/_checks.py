@@ -107,6 +107,10 @@ def lowdin(P: Tensor, iters: int, R0: Optional[Tensor]) -> None:
             fail(op, f"expected R0 with the shape of P {_shape(P)}, got {_shape(R0)}")
 
 
+def lowdin_svd(P: Tensor) -> None:
+    square("lowdin_svd", "P", P)
+
+
 def cayley(S: Tensor) -> None:
     square("cayley", "S", S)
 

@@ -31,6 +31,10 @@ SCHEMAS = {
     "gram_schmidt_backward": "gram_schmidt_backward(Tensor grad, Tensor P, Tensor Q) -> Tensor",
     "lowdin": "lowdin(Tensor P, int iters=0, Tensor? R0=None) -> Tensor",
     "lowdin_backward": "lowdin_backward(Tensor grad, Tensor P, Tensor R) -> Tensor",
+    # lowdin's SVD route keeping its factors (R, U, S, Vh), so that its backward is four matmuls; what
+    # opt_fast.functional.lowdin and the OPT layers use on the CPU when a gradient is needed
+    "lowdin_svd": "lowdin_svd(Tensor P) -> (Tensor, Tensor, Tensor, Tensor)",
+    "lowdin_svd_backward": "lowdin_svd_backward(Tensor grad, Tensor U, Tensor S, Tensor Vh) -> Tensor",
     "cayley": "cayley(Tensor S) -> Tensor",
     "cayley_backward": "cayley_backward(Tensor grad, Tensor Q) -> Tensor",
 }

@@ -98,6 +98,17 @@ def _lowdin_backward_fake(grad, P, R):
     return _empty(P, P.shape)
 
 
+@torch.library.register_fake("opt_fast::lowdin_svd", lib=lib)
+def _lowdin_svd_fake(P):
+    _checks.lowdin_svd(P)
+    return _empty(P, P.shape), _empty(P, P.shape), _empty(P, P.shape[:-1]), _empty(P, P.shape)
+
+
+@torch.library.register_fake("opt_fast::lowdin_svd_backward", lib=lib)
+def _lowdin_svd_backward_fake(grad, U, S, Vh):
+    return _empty(U, U.shape)
+
+
 @torch.library.register_fake("opt_fast::cayley", lib=lib)
 def _cayley_fake(S):
     _checks.cayley(S)
@@ -135,6 +146,24 @@ _register_autograd("lowdin", lambda i, o: (i[0], o),
                    lambda g, P, R: (_ops.lowdin_backward(g, P, R), None, None))
 _register_autograd("cayley", lambda i, o: (o,),
                    lambda g, Q: _ops.cayley_backward(g, Q))
+
+
+def _lowdin_svd_setup(ctx, inputs, output):
+    R, U, S, Vh = output
+    ctx.mark_non_differentiable(U, S, Vh)  # only R is differentiable: the factors are for the backward
+    ctx.save_for_backward(inputs[0], R, U, S, Vh)
+
+
+def _lowdin_svd_bw(ctx, grad, *_):
+    P, R, U, S, Vh = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph: the factors carry no graph back to P, so take lowdin_backward (differentiable
+        # through its reference's VJP) rather than a silently incomplete second derivative
+        return _ops.lowdin_backward(grad, P, R)
+    return _ops.lowdin_svd_backward(grad, U, S, Vh)
+
+
+torch.library.register_autograd("opt_fast::lowdin_svd", _lowdin_svd_bw, setup_context=_lowdin_svd_setup, lib=lib)
 
 
 

@@ -34,7 +34,13 @@ def gram_schmidt(P: Tensor, block_size: int = 0) -> Tensor:
 def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
     """The orthogonal polar factor P (PᵀP)^(-1/2) of square P (Löwdin's symmetric orthogonalisation), by
     Newton–Schulz-type iterations; ``iters=0`` iterates to float-grade orthogonality, ``R0`` is a warm
-    start (e.g. the previous training step's result). Equivalent to ``U, S, Vh = svd(P); U @ Vh``."""
+    start (e.g. the previous training step's result). Equivalent to ``U, S, Vh = svd(P); U @ Vh``.
+
+    On the CPU, when a gradient is needed (and ``iters=0``), this takes ``torch.ops.opt_fast.lowdin_svd``:
+    the same SVD route that ``lowdin`` takes there, keeping its factors so that the backward is four
+    matmuls instead of an eigendecomposition (R0 cannot help a changed P, see the reference docstring)."""
+    if iters == 0 and P.device.type == "cpu" and P.requires_grad and torch.is_grad_enabled():
+        return _ops.lowdin_svd(P)[0]
     return _ops.lowdin(P, iters, R0)
 
 

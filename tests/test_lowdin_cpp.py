@@ -132,3 +132,102 @@ def test_backward_matches_the_reference(dtype):
 def test_gradcheck_through_the_svd_route():
     P = randn(2, 5, 5, seed=11).requires_grad_()
     assert torch.autograd.gradcheck(lambda P: ops.lowdin(P), [P])
+
+
+# ---- lowdin_svd: the SVD route with its factors, so that the backward is four matmuls ------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 2), (3, 27, 27), (2, 2, 33, 33), (100, 100)])
+def test_lowdin_svd_factors_and_backward(shape, dtype):
+    P = randn(*shape, dtype=dtype, seed=12)
+    R, U, S, Vh = ops.lowdin_svd(P)
+    assert R.shape == U.shape == Vh.shape == P.shape and S.shape == P.shape[:-1]
+    assert all(t.dtype == dtype and t.is_contiguous() for t in (R, U, S, Vh))
+    tol = 2e-5 if dtype == torch.float32 else 1e-11
+    torch.testing.assert_close(R.double(), polar64(P), rtol=0, atol=tol)
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, P, rtol=tol, atol=tol * P.abs().max().item())
+    torch.testing.assert_close(R, U @ Vh, rtol=0, atol=0)
+    g = randn(*shape, dtype=dtype, seed=13)
+    # the same VJP as lowdin_backward (an eigh of H = RᵀP) and as the reference formula on the factors
+    torch.testing.assert_close(ops.lowdin_svd_backward(g, U, S, Vh), lowdin_backward_ref(g, P, R), rtol=tol, atol=tol)
+    from opt_fast.reference.lowdin import lowdin_svd_backward_ref
+    torch.testing.assert_close(ops.lowdin_svd_backward(g, U, S, Vh), lowdin_svd_backward_ref(g, U, S, Vh),
+                               rtol=tol, atol=tol)
+
+
+def test_lowdin_svd_gradcheck_and_gradgradcheck():
+    P = randn(2, 6, 6, seed=14).requires_grad_()
+    assert torch.autograd.gradcheck(lambda P: ops.lowdin_svd(P)[0], [P])
+    # create_graph takes lowdin_backward (differentiable); the factors carry no graph back to P
+    assert torch.autograd.gradgradcheck(lambda P: ops.lowdin_svd(P)[0], [P])
+
+
+def test_lowdin_svd_factors_are_not_differentiable():
+    P = randn(3, 3, seed=15).requires_grad_()
+    R, U, S, Vh = ops.lowdin_svd(P)
+    assert R.requires_grad and not (U.requires_grad or S.requires_grad or Vh.requires_grad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_lowdin_svd_non_finite_matrix_is_nan_and_isolated(bad):
+    P = randn(3, 20, 20, dtype=torch.float32, seed=16)
+    clean = ops.lowdin_svd(P)
+    P[1, 4, 7] = bad
+    out = ops.lowdin_svd(P)
+    for t, c in zip(out, clean):
+        assert t[1].isnan().all()
+        torch.testing.assert_close(t[[0, 2]], c[[0, 2]], rtol=0, atol=0)
+
+
+def test_lowdin_svd_bad_input_names_the_op():
+    with pytest.raises(RuntimeError, match=r"opt_fast.lowdin_svd: expected P to be square"):
+        ops.lowdin_svd(torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match=r"opt_fast.lowdin_svd_backward: expected grad of shape"):
+        _, U, S, Vh = ops.lowdin_svd(torch.randn(3, 3))
+        ops.lowdin_svd_backward(torch.randn(4, 4), U, S, Vh)
+
+
+def test_lowdin_svd_empty_batch():
+    R, U, S, Vh = ops.lowdin_svd(torch.randn(0, 5, 5))
+    assert R.shape == U.shape == Vh.shape == (0, 5, 5) and S.shape == (0, 5)
+
+
+@pytest.mark.parametrize("op", ["lowdin_svd", "lowdin_svd_backward"])
+def test_lowdin_svd_opcheck(op):
+    P = randn(2, 5, 5, dtype=torch.float32, seed=17)
+    if op == "lowdin_svd":
+        for args in [(P,), (P.clone().requires_grad_(),)]:
+            torch.library.opcheck(ops.lowdin_svd.default, args)
+    else:
+        _, U, S, Vh = ops.lowdin_svd(P)
+        torch.library.opcheck(ops.lowdin_svd_backward.default, (torch.randn_like(P), U, S, Vh))
+
+
+def test_functional_lowdin_takes_lowdin_svd_only_on_cpu_with_grad():
+    from collections import Counter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "opt_fast":
+                self.n[func._opname] += 1
+            return func(*args, **(kwargs or {}))
+
+    P = randn(2, 9, 9, seed=18)
+    Pg = P.clone().requires_grad_()
+    with Calls() as c:
+        R = opt_fast.functional.lowdin(Pg)
+        R.sum().backward()
+    assert dict(c.n) == {"lowdin_svd": 1, "lowdin_svd_backward": 1}
+    torch.testing.assert_close(Pg.grad, lowdin_backward_ref(torch.ones_like(P), P, ops.lowdin(P)), rtol=1e-10, atol=1e-10)
+    for args, kwargs in [((P,), {}), ((Pg,), {"iters": 3})]:  # no grad needed / an explicit iteration count
+        with Calls() as c:
+            opt_fast.functional.lowdin(*args, **kwargs)
+        assert dict(c.n) == {"lowdin": 1}
+    with torch.no_grad(), Calls() as c:
+        opt_fast.functional.lowdin(Pg)
+    assert dict(c.n) == {"lowdin": 1}

@@ -220,3 +220,25 @@ def test_backward_float32_and_empty():
     torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-4)
     empty = torch.zeros(0, 4, 4)
     assert lowdin_backward_ref(empty, empty, empty).shape == (0, 4, 4)
+
+
+# ---- lowdin_svd_ref: the SVD route with its factors ----------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 27, 27), (2, 2, 33, 33)])
+def test_lowdin_svd_ref_factors_and_backward(shape):
+    P = randn(*shape, seed=30)
+    R, U, S, Vh = LW.lowdin_svd_ref(P)
+    torch.testing.assert_close(R, lowdin_ref(P), rtol=0, atol=1e-11)
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, P, rtol=1e-12, atol=1e-12)
+    g = randn(*shape, seed=31)
+    torch.testing.assert_close(LW.lowdin_svd_backward_ref(g, U, S, Vh), lowdin_backward_ref(g, P, R),
+                               rtol=1e-9, atol=1e-9)
+
+
+def test_lowdin_svd_ref_non_finite_matrix_is_nan_and_isolated():
+    P = randn(3, 8, 8, seed=32)
+    clean = LW.lowdin_svd_ref(P)
+    P[2, 0, 0] = float("nan")
+    for t, c in zip(LW.lowdin_svd_ref(P), clean):
+        assert t[2].isnan().all()
+        torch.testing.assert_close(t[:2], c[:2], rtol=0, atol=0)

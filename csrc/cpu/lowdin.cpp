@@ -17,8 +17,9 @@
 // Non-finite matrices come out NaN (LAPACK is never handed one); the others of the batch are unaffected.
 //
 // Backward: the reference's formula, dP = R Y with H Y + Y H = A - Aᵀ, H = sym(RᵀP), A = Rᵀ grad, solved
-// in H's eigenbasis (one symmetric eigh in the working precision: H has κ(P), not κ(P)²). The forward's
-// SVD would give that basis for free, but the op's backward only receives (grad, P, R).
+// in H's eigenbasis (one symmetric eigh in the working precision: H has κ(P), not κ(P)²), as the op's backward
+// only receives (grad, P, R). lowdin_svd (the same SVD route, returning its factors) lets the autograd layer
+// skip that eigh: its backward is polar_vjp on the saved factors, four matmuls.
 #include "../opt_fast.h"
 
 #include <cmath>
@@ -136,19 +137,37 @@ bool warm_start_ok(const Tensor& P, const Tensor& R0, Tensor& A_out) {
   return true;
 }
 
-// U Vᵀ from the SVD, NaN for matrices with a non-finite entry.
-Tensor svd_polar(const Tensor& P) {
+// (R = U Vh, U, S, Vh) from LAPACK's SVD, all NaN for matrices with a non-finite entry (LAPACK never sees
+// one). U and Vh are made contiguous (LAPACK hands them out column-major) so that strides match the fakes.
+std::tuple<Tensor, Tensor, Tensor, Tensor> svd_factors(const Tensor& P) {
   Tensor finite = at::isfinite(P).all(-1).all(-1);  // [b]
   const bool all_finite = finite.all().item<bool>();
   Tensor Pin = P;
+  Tensor bad;
   if (!all_finite) {
-    auto mask = finite.logical_not().unsqueeze(-1).unsqueeze(-1);
-    Pin = at::where(mask, eye_like(P, P.size(-1)).expand_as(P), P);  // LAPACK never sees NaN/inf
+    bad = finite.logical_not().unsqueeze(-1).unsqueeze(-1);
+    Pin = at::where(bad, eye_like(P, P.size(-1)).expand_as(P), P);
   }
   auto [U, S, Vh] = at::linalg_svd(Pin, /*full_matrices=*/false);
-  Tensor R = at::bmm(U, Vh);
-  if (!all_finite) R.masked_fill_(finite.logical_not().unsqueeze(-1).unsqueeze(-1), NAN);
-  return R;
+  U = U.contiguous();
+  Vh = Vh.contiguous();
+  if (!all_finite) {
+    U.masked_fill_(bad, NAN);
+    Vh.masked_fill_(bad, NAN);
+    S.masked_fill_(bad.squeeze(-1), NAN);
+  }
+  return {at::bmm(U, Vh), U, S, Vh};
+}
+
+Tensor svd_polar(const Tensor& P) { return std::get<0>(svd_factors(P)); }
+
+// dP = U Y Vh with K = Uᵀ grad Vhᵀ, Y_ij = (K - Kᵀ)_ij / (σ_i + σ_j): the polar factor's VJP in P's singular
+// bases (the reference's lowdin_svd_backward_ref; denominators >= 2 σ_min, infinite for singular P, as the
+// reference). Four matmuls.
+Tensor polar_vjp(const Tensor& grad, const Tensor& U, const Tensor& S, const Tensor& Vh) {
+  Tensor K = at::matmul(at::matmul(U.mT(), grad), Vh.mT());
+  Tensor Y = (K - K.mT()) / (S.unsqueeze(-1) + S.unsqueeze(-2));
+  return at::matmul(at::matmul(U, Y), Vh).contiguous();
 }
 
 void check_lowdin(const Tensor& P, int64_t iters, const std::optional<Tensor>& R0) {
@@ -186,13 +205,26 @@ Tensor lowdin_backward_cpu(const Tensor& grad, const Tensor& P, const Tensor& R)
   Tensor RtP = at::matmul(R.mT(), P);
   Tensor H = (RtP + RtP.mT()).mul_(0.5);
   auto [lam, V] = at::linalg_eigh(H);  // H = V diag(σ) Vᵀ, so P = U diag(σ) Vᵀ with U = R V
-  Tensor U = at::matmul(R, V);
-  // In the singular bases C = Vᵀ (Rᵀg - gᵀR) V = K - Kᵀ with K = Uᵀ g V, and dP = R V Y Vᵀ = U Y Vᵀ:
-  // six matmuls in all instead of the reference's seven.
-  Tensor K = at::matmul(at::matmul(U.mT(), grad), V);
-  // Y_ij = C_ij / (σ_i + σ_j): denominators >= 2 σ_min (infinite gradient for singular P, as the reference)
-  Tensor Y = (K - K.mT()) / (lam.unsqueeze(-1) + lam.unsqueeze(-2));
-  return at::matmul(at::matmul(U, Y), V.mT()).contiguous();
+  return polar_vjp(grad, at::matmul(R, V), lam, V.mT());  // six matmuls in all, the reference's seven
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lowdin_svd_cpu(const Tensor& P) {
+  check_square("lowdin_svd", "P", P);
+  const int64_t d = P.size(-1);
+  auto vec_shape = P.sizes().vec();
+  vec_shape.pop_back();
+  if (P.numel() == 0) {
+    return {at::empty(P.sizes(), P.options()), at::empty(P.sizes(), P.options()), at::empty(vec_shape, P.options()),
+            at::empty(P.sizes(), P.options())};
+  }
+  auto [R, U, S, Vh] = svd_factors(P.reshape({-1, d, d}));
+  return {R.view(P.sizes()), U.view(P.sizes()), S.view(vec_shape), Vh.view(P.sizes())};
+}
+
+Tensor lowdin_svd_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& S, const Tensor& Vh) {
+  check_grad_shape("lowdin_svd_backward", grad, U.sizes());
+  if (grad.numel() == 0) return at::zeros_like(U, at::MemoryFormat::Contiguous);
+  return polar_vjp(grad, U, S, Vh);
 }
 
 }  // namespace
@@ -200,6 +232,8 @@ Tensor lowdin_backward_cpu(const Tensor& grad, const Tensor& P, const Tensor& R)
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
   m.impl("lowdin", &lowdin_cpu);
   m.impl("lowdin_backward", &lowdin_backward_cpu);
+  m.impl("lowdin_svd", &lowdin_svd_cpu);
+  m.impl("lowdin_svd_backward", &lowdin_svd_backward_cpu);
 }
 
 }  // namespace opt_fast

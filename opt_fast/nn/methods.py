@@ -9,6 +9,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import functional
+
 # Looked up at call time (not bound at import) so that tests and profilers can wrap the entry point.
 _ops = torch.ops.opt_fast
 
@@ -141,7 +143,7 @@ class Lowdin(Method):
     warm_start = True
 
     def rotation(self, P, R0=None):
-        return _ops.lowdin(P, 0, R0)
+        return functional.lowdin(P, 0, R0)  # on the CPU in training: lowdin_svd (factors kept for the backward)
 
 
 class OGD(Method):

@@ -11,7 +11,7 @@ from .householder import (
     householder_product_backward_ref,
     householder_product_ref,
 )
-from .lowdin import lowdin_backward_ref, lowdin_ref
+from .lowdin import lowdin_backward_ref, lowdin_ref, lowdin_svd_backward_ref, lowdin_svd_ref
 
 REFERENCE_KERNELS = {
     "householder_product": householder_product_ref,
@@ -24,6 +24,8 @@ REFERENCE_KERNELS = {
     "gram_schmidt_backward": gram_schmidt_backward_ref,
     "lowdin": lowdin_ref,
     "lowdin_backward": lowdin_backward_ref,
+    "lowdin_svd": lowdin_svd_ref,
+    "lowdin_svd_backward": lowdin_svd_backward_ref,
     "cayley": cayley_ref,
     "cayley_backward": cayley_backward_ref,
 }

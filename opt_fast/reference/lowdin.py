@@ -101,7 +101,7 @@ from torch import Tensor
 
 from .. import _checks
 
-__all__ = ["lowdin_ref", "lowdin_backward_ref"]
+__all__ = ["lowdin_ref", "lowdin_backward_ref", "lowdin_svd_ref", "lowdin_svd_backward_ref"]
 
 # ---------------------------------------------------------------------------------------------------
 # Polynomial schedule (computed once at import, in Python doubles)
@@ -334,3 +334,33 @@ def lowdin_backward_ref(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
     # The diagonal of C is zero (C is skew), so d = 1 gives dP = 0 (R = sign(p) is locally constant).
     Y = C / (lam.unsqueeze(-1) + lam.unsqueeze(-2))
     return R @ (V @ Y @ V.mT)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The SVD route with its factors kept (lowdin_svd): a backward that reuses them
+# ---------------------------------------------------------------------------------------------------
+
+
+def lowdin_svd_ref(P: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(R, U, S, Vh) with P = U diag(S) Vh (torch.linalg.svd) and R = U Vh, the polar factor lowdin computes.
+
+    lowdin_backward must recompute an eigendecomposition of H = RᵀP; keeping the forward's factors makes
+    the backward four matmuls (lowdin_svd_backward). Matrices with a non-finite entry give NaN in all four
+    outputs (LAPACK is never handed one); the rest of the batch is unaffected.
+    """
+    _checks.lowdin_svd(P)
+    finite = torch.isfinite(P).all(-1).all(-1)[..., None, None]
+    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    U, S, Vh = torch.linalg.svd(torch.where(finite, P, eye), full_matrices=False)
+    nan = torch.tensor(float("nan"), dtype=P.dtype, device=P.device)
+    U, Vh = torch.where(finite, U, nan), torch.where(finite, Vh, nan)
+    S = torch.where(finite[..., 0], S, nan)
+    return U @ Vh, U, S, Vh
+
+
+def lowdin_svd_backward_ref(grad: Tensor, U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
+    """lowdin_backward's formula in P's singular bases: with K = Uᵀ grad V, dP = U Y Vh, Y_ij = (K - Kᵀ)_ij /
+    (σ_i + σ_j) (H = V diag(σ) Vᵀ and R V = U, so C = Vᵀ (Rᵀg - gᵀR) V = K - Kᵀ)."""
+    _checks.grad_like("lowdin_svd_backward", grad, U.shape)
+    K = U.mT @ grad @ Vh.mT
+    return U @ ((K - K.mT) / (S.unsqueeze(-1) + S.unsqueeze(-2))) @ Vh
