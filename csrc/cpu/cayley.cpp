@@ -1,16 +1,33 @@
-// Cayley transform on the CPU through ATen (LAPACK): Q = (I + S)(I - S)^-1.
+// Cayley transform on the CPU: Q = (I + S)(I - S)^-1.
 // Same algorithm as opt_fast/reference/cayley.py (the spec): one inverse forward, using
 // I + Q = 2 (I - S)^-1, and a backward of two matmuls on the saved output,
 // grad_S = 1/2 (I + Q)^T G (I + Q)^T.
+// Forward: d <= 64 by a Gauss-Jordan inverse per matrix in double (cayley_small.h, where the measurements
+// are), larger d through ATen (LAPACK), one matrix at a time.
 #include "../opt_fast.h"
+#include "cayley_small.h"
+
+#include <ATen/Dispatch.h>
 
 namespace opt_fast {
 namespace {
+
+constexpr const char* kSingular =
+    "opt_fast.cayley: I - S is singular (S must be skew-symmetric, or at least have no eigenvalue 1)";
 
 at::Tensor cayley_cpu(const at::Tensor& S) {
   check_square("cayley", "S", S);
   const int64_t d = S.size(-1);
   if (S.numel() == 0) return at::empty(S.sizes(), S.options());
+  if (small::use_for_cayley(d)) {
+    auto Q = at::empty(S.sizes(), S.options());
+    bool ok = true;
+    AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "cayley_small", [&] {
+      ok = small::cayley<scalar_t>(Q, S.reshape({-1, d, d}));
+    });
+    TORCH_CHECK(ok, kSingular);
+    return Q;
+  }
   auto eye = eye_like(S, d);
   // One LU inverse per matrix rather than one batched call: with torch 2.13 + MKL 2024.2, batched LU after
   // torch.set_num_threads(n > 1) returned invalid pivots (and once spun) on our CI machine, while
@@ -23,8 +40,7 @@ at::Tensor cayley_cpu(const at::Tensor& S) {
     M[b].copy_(Mb);
     singular = singular || info.item<int64_t>() > 0;
   }
-  TORCH_CHECK(!singular, "opt_fast.cayley: I - S is singular ",
-              "(S must be skew-symmetric, or at least have no eigenvalue 1)");
+  TORCH_CHECK(!singular, kSingular);
   M.mul_(2.0);
   M.diagonal(0, -2, -1).sub_(1.0);  // Q = 2 (I - S)^-1 - I, in place
   return M.view(S.sizes());

@@ -1,5 +1,5 @@
-// Shared pieces of the direct small-matrix CPU paths (householder_small.h): one tight loop nest per matrix, the
-// batch split across threads by at::parallel_for.
+// Shared pieces of the direct small-matrix CPU paths (householder_small.h, cayley_small.h): one tight loop nest
+// per matrix, the batch split across threads by at::parallel_for.
 //
 // Why these paths exist: below d ~ 64 the ATen/LAPACK kernels spend most of their time in per-call overhead
 // (allocations, dispatch, LAPACK workspace queries), not in the O(d³) arithmetic, which for one 27×27 matrix
