@@ -46,10 +46,21 @@ at::Tensor cayley_cpu(const at::Tensor& S) {
   return M.view(S.sizes());
 }
 
+// grad_S = ½ (I + Q)ᵀ G (I + Q)ᵀ as two batched GEMMs with the identity and the ½ folded in:
+// W = (I + Q)ᵀ G = G + QᵀG, then grad_S = ½ W (I + Q)ᵀ = ½ (W + W Qᵀ): no eye, no sum, no scaling pass.
+// Measured 2026-11-23 (1 thread, float32, kernel alone, ranges over 10 interleaved repeats) against the former
+// matmul(matmul(Qᵀ + I, G), Qᵀ + I).mul_(0.5): d = 27: 12-23 µs against 18-39 µs; batch 128 of d = 32:
+// 0.39-0.52 ms against 0.48-0.66 ms; batch 64 of d = 64: 1.0-1.3 ms against 1.2-2.0 ms. A direct loop per
+// matrix in double (as the forward) lost from d = 32 on (d = 27: 18-29 µs; d = 64: 0.21-0.29 ms against
+// 0.03-0.05 ms; batch 128 of d = 32: 3.7-4.2 ms): MKL's GEMMs use AVX2, this build's loops SSE2. float32
+// error against float64: 1.1-1.3x the former's (max over 10 seeds, d = 27 to 64), within the 2x rule.
 at::Tensor cayley_backward_cpu(const at::Tensor& grad, const at::Tensor& Q) {
   check_grad_shape("cayley_backward", grad, Q.sizes());
-  auto B = Q.mT() + eye_like(Q, Q.size(-1));  // (I + Q)^T, a new tensor: never write into Q
-  return at::matmul(at::matmul(B, grad), B).mul_(0.5).contiguous();
+  if (Q.numel() == 0) return at::empty(Q.sizes(), Q.options());
+  const int64_t d = Q.size(-1);
+  const auto Q3 = Q.reshape({-1, d, d}), G3 = grad.reshape({-1, d, d});
+  const auto W = at::baddbmm(G3, Q3.mT(), G3);
+  return at::baddbmm(W, W, Q3.mT(), 0.5, 0.5).view(Q.sizes());
 }
 
 }  // namespace
