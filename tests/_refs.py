@@ -1,9 +1,12 @@
-"""Independent plain-PyTorch equivalents of the opt_fast ops, and input builders shared by the op tests.
+"""Independent plain-PyTorch equivalents of the opt_fast ops, and input builders (and a thread-count helper)
+shared by the op tests.
 
 None of these call opt_fast: they are what the ops are judged against. Each ``*_torch`` function runs in
 the dtype of its inputs, so it serves both as the float64 reference (on upcast inputs) and as the
 same-dtype PyTorch yardstick of the accuracy rule.
 """
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -126,3 +129,14 @@ def orth_err(Q: Tensor) -> float:
     n = Q.shape[-1]
     E = Q.mT @ Q - torch.eye(n, dtype=Q.dtype, device=Q.device)
     return (torch.linalg.matrix_norm(E) / n ** 0.5).max().item()
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op thread count set to n inside the block (the suite runs on one, see conftest.py)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

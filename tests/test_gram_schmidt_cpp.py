@@ -11,7 +11,6 @@ with opt_fast.reference.gram_schmidt_ref / gram_schmidt_backward_ref:
 The suite runs torch on one thread; the batch-parallel path of the kernel (whole matrices per thread) is
 exercised by the tests that set two threads.
 """
-import contextlib
 import math
 
 import pytest
@@ -19,6 +18,8 @@ import torch
 
 import opt_fast
 from opt_fast.reference.gram_schmidt import gram_schmidt_backward_ref, gram_schmidt_ref
+
+from _refs import threads
 
 pytestmark = pytest.mark.skipif(not opt_fast.has_kernel("gram_schmidt", "CPU"),
                                 reason="C++ CPU gram_schmidt kernel not built")
@@ -69,16 +70,6 @@ def strided(x, how):
     big = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("inf"), dtype=x.dtype)
     big[..., ::2] = x
     return big[..., ::2]
-
-
-@contextlib.contextmanager
-def threads(n):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def close64(a, b, scale=1.0):

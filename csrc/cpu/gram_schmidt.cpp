@@ -1,6 +1,9 @@
 // Gram-Schmidt on the CPU: Q of P = QR with diag(R) > 0 (opt_fast/reference/gram_schmidt.py is the spec),
 // forward and backward, batched over leading dims, tall P (m >= n) included.
 //
+// Small matrices (m·n <= 64², forward and backward): direct loops per matrix in double, gram_schmidt_small.h
+// (where the measurements for that choice are). Everything below is the path for larger matrices.
+//
 // Algorithm (chosen by measurement, below): Householder QR through LAPACK (ATen's geqrf + orgqr, i.e.
 // blocked panels with level-3 trailing updates, panel width picked by LAPACK; block_size is accepted,
 // validated and ignored, as in the reference), one matrix at a time, then the sign fix diag(R) > 0 fused into
@@ -41,7 +44,9 @@
 //     times 10-60x the 1-thread ones for every implementation (OpenMP waiting on preempted threads, see
 //     bench/README.md) with ratios anywhere from 0.3 to 1.6: not usable; re-measure on a quiet machine.
 #include "../opt_fast.h"
+#include "gram_schmidt_small.h"
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -102,6 +107,10 @@ Tensor gram_schmidt_cpu(const Tensor& P_in, int64_t block_size) {
   auto out = at::empty(P.sizes(), P.options());
   if (out.numel() == 0) return out;
   const auto P3 = P.reshape({B, m, n});
+  if (small::use_for_gram_schmidt(m, n)) {
+    AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "gram_schmidt_small", [&] { small::gram_schmidt<scalar_t>(out, P3); });
+    return out;
+  }
   const auto Q3 = out.view({B, m, n});
   for_each_matrix(B, [&](int64_t b) { qr_q_into(Q3.select(0, b), P3.select(0, b)); });
   return out;
@@ -184,11 +193,20 @@ Tensor gram_schmidt_backward_cpu(const Tensor& grad_in, const Tensor& P_in, cons
   auto out = at::empty(P.sizes(), P.options());
   if (out.numel() == 0) return out;
   const auto G3 = G.reshape({B, m, n}), P3 = P.reshape({B, m, n}), Q3 = Q.reshape({B, m, n});
-  const auto O3 = out.view({B, m, n});
-  for_each_matrix(B, [&](int64_t b) { backward_one(O3.select(0, b), G3.select(0, b), P3.select(0, b), Q3.select(0, b)); });
   // A zero (or underflowing) R_jj makes the solve divide by zero: say so instead of returning inf/NaN.
   // Non-finite inputs are not an error: their NaN propagates.
-  TORCH_CHECK(all_finite(out) || !(all_finite(G) && all_finite(P) && all_finite(Q)), "opt_fast.", op,
+  bool deficient = false;
+  if (small::use_for_gram_schmidt(m, n)) {
+    AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "gram_schmidt_backward_small",
+                               [&] { deficient = small::gram_schmidt_backward<scalar_t>(out, G3, P3, Q3); });
+  } else {
+    const auto O3 = out.view({B, m, n});
+    for_each_matrix(B, [&](int64_t b) {
+      backward_one(O3.select(0, b), G3.select(0, b), P3.select(0, b), Q3.select(0, b));
+    });
+    deficient = !all_finite(out) && all_finite(G) && all_finite(P) && all_finite(Q);
+  }
+  TORCH_CHECK(!deficient, "opt_fast.", op,
               ": P is rank deficient (R = QᵀP has a zero diagonal entry), so Q is not a differentiable ",
               "function of P there and the gradient is undefined");
   return out;

@@ -9,12 +9,10 @@
 // All three apply H_1 ... H_k to a matrix from the last reflector to the first: M <- M - tau v (vᵀ M).
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include "small_matrix.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 namespace opt_fast {
 namespace small {
@@ -28,9 +26,6 @@ namespace small {
 constexpr int64_t kSmallD = 64;
 inline bool use_for_product(int64_t m) { return m <= kSmallD; }
 inline bool use_for_dense(int64_t d, int64_t n, int64_t batch) { return d <= kSmallD && n <= 4 * kSmallD && batch <= 8; }
-
-// Grain of at::parallel_for over matrices: about 64k flops per task.
-inline int64_t grain(int64_t flops_per_matrix) { return std::max<int64_t>(1, 65536 / (flops_per_matrix + 1)); }
 
 // M[r0:, c0:] -= t v wᵀ with w = M[r0:, c0:]ᵀ v; v[r] for r >= r0 (v[r0] may be 1 implicitly via v0).
 // M is row-major with leading dimension ld; w is a scratch of n entries.
@@ -51,28 +46,30 @@ inline void reflect(T* __restrict__ M, int64_t ld, int64_t r0, int64_t r1, int64
   }
 }
 
-// LAPACK orgqr semantics: Q [B, m, n] = H_0 ... H_{k-1} I[:, :n], v_i = (0, ..., 0, 1, V[i+1:, i]).
-// V3 [B, m, n] and tau2 [B, k] contiguous. Only Q[i:, i:] changes when H_i is applied (columns < i are
-// still e_j there, and v_i is zero above row i).
+// M [m, n] row-major = H_0 ... H_{k-1} I[:, :n] (LAPACK orgqr), v_i = (0, ..., 0, 1, V[i+1:, i]) from V [m, n]
+// row-major (the geqrf layout), tau [k]; v (m entries) and w (n) are scratch. Only M[i:, i:] changes when H_i
+// is applied (columns < i are still e_j there, and v_i is zero above row i).
+template <typename T>
+inline void orgqr(T* __restrict__ M, const T* __restrict__ V, const T* __restrict__ tau, int64_t m, int64_t n,
+                  int64_t k, T* __restrict__ v, T* __restrict__ w) {
+  std::fill(M, M + m * n, T(0));
+  for (int64_t j = 0; j < n; ++j) M[j * n + j] = T(1);
+  for (int64_t i = k - 1; i >= 0; --i) {
+    v[i] = T(1);
+    for (int64_t r = i + 1; r < m; ++r) v[r] = V[r * n + i];
+    reflect(M, n, i, m, i, n, v, tau[i], w);
+  }
+}
+
+// Q [B, m, n] = orgqr of each matrix of V3 [B, m, n] and tau2 [B, k], both contiguous.
 template <typename T>
 void product(const at::Tensor& Q, const at::Tensor& V3, const at::Tensor& tau2) {
   const int64_t B = V3.size(0), m = V3.size(1), n = V3.size(2), k = tau2.size(1);
   const T* Vp = V3.const_data_ptr<T>();
   const T* tp = tau2.const_data_ptr<T>();
   T* Qp = Q.data_ptr<T>();
-  at::parallel_for(0, B, grain(4 * m * n * k), [&](int64_t b0, int64_t b1) {
-    std::vector<T> v(m), w(n);
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* V = Vp + b * m * n;
-      T* M = Qp + b * m * n;
-      std::fill(M, M + m * n, T(0));
-      for (int64_t j = 0; j < n; ++j) M[j * n + j] = T(1);
-      for (int64_t i = k - 1; i >= 0; --i) {
-        v[i] = T(1);
-        for (int64_t r = i + 1; r < m; ++r) v[r] = V[r * n + i];
-        reflect(M, n, i, m, i, n, v.data(), tp[b * k + i], w.data());
-      }
-    }
+  for_each<T>(B, 4 * m * n * k, m + n, [&](int64_t b, T* buf) {
+    orgqr(Qp + b * m * n, Vp + b * m * n, tp + b * k, m, n, k, buf, buf + m);
   });
 }
 
@@ -95,21 +92,19 @@ void apply(const at::Tensor& out, const at::Tensor& V3, const at::Tensor* X3) {
   const T* Vp = V3.const_data_ptr<T>();
   const T* Xp = X3 ? X3->const_data_ptr<T>() : nullptr;
   T* Op = out.data_ptr<T>();
-  at::parallel_for(0, B, grain(4 * d * n * k), [&](int64_t b0, int64_t b1) {
-    std::vector<T> v(d), w(n);
-    for (int64_t b = b0; b < b1; ++b) {
-      const T* V = Vp + b * d * k;
-      T* M = Op + b * d * n;
-      if (Xp) {
-        std::copy(Xp + b * d * n, Xp + (b + 1) * d * n, M);
-      } else {
-        std::fill(M, M + d * n, T(0));
-        for (int64_t j = 0; j < d; ++j) M[j * n + j] = T(1);
-      }
-      for (int64_t i = k - 1; i >= 0; --i) {
-        const T t = dense_tau(V, d, k, i, v.data());
-        reflect(M, n, 0, d, 0, n, v.data(), t, w.data());
-      }
+  for_each<T>(B, 4 * d * n * k, d + n, [&](int64_t b, T* buf) {
+    T *v = buf, *w = buf + d;
+    const T* V = Vp + b * d * k;
+    T* M = Op + b * d * n;
+    if (Xp) {
+      std::copy(Xp + b * d * n, Xp + (b + 1) * d * n, M);
+    } else {
+      std::fill(M, M + d * n, T(0));
+      for (int64_t j = 0; j < d; ++j) M[j * n + j] = T(1);
+    }
+    for (int64_t i = k - 1; i >= 0; --i) {
+      const T t = dense_tau(V, d, k, i, v);
+      reflect(M, n, 0, d, 0, n, v, t, w);
     }
   });
 }
