@@ -138,28 +138,33 @@ bool warm_start_ok(const Tensor& P, const Tensor& R0, Tensor& A_out) {
 }
 
 // (R = U Vh, U, S, Vh) from LAPACK's SVD, all NaN for matrices with a non-finite entry (LAPACK never sees
-// one). U and Vh are made contiguous (LAPACK hands them out column-major) so that strides match the fakes.
-std::tuple<Tensor, Tensor, Tensor, Tensor> svd_factors(const Tensor& P) {
-  Tensor finite = at::isfinite(P).all(-1).all(-1);  // [b]
-  const bool all_finite = finite.all().item<bool>();
+// one). With contiguous_factors, U and Vh are made contiguous (LAPACK hands them out column-major) so that
+// strides match the fakes of lowdin_svd; lowdin itself only needs R.
+std::tuple<Tensor, Tensor, Tensor, Tensor> svd_factors(const Tensor& P, bool contiguous_factors) {
   Tensor Pin = P;
   Tensor bad;
-  if (!all_finite) {
-    bad = finite.logical_not().unsqueeze(-1).unsqueeze(-1);
+  if (!at::isfinite(P).all().item<bool>()) {  // one reduction in the common case; the mask only when needed
+    bad = at::isfinite(P).all(-1).all(-1).logical_not().unsqueeze(-1).unsqueeze(-1);  // [b, 1, 1]
     Pin = at::where(bad, eye_like(P, P.size(-1)).expand_as(P), P);
   }
   auto [U, S, Vh] = at::linalg_svd(Pin, /*full_matrices=*/false);
-  U = U.contiguous();
-  Vh = Vh.contiguous();
-  if (!all_finite) {
-    U.masked_fill_(bad, NAN);
-    Vh.masked_fill_(bad, NAN);
-    S.masked_fill_(bad.squeeze(-1), NAN);
+  if (contiguous_factors) {
+    U = U.contiguous();
+    Vh = Vh.contiguous();
   }
-  return {at::bmm(U, Vh), U, S, Vh};
+  Tensor R = at::bmm(U, Vh);
+  if (bad.defined()) {
+    R.masked_fill_(bad, NAN);
+    if (contiguous_factors) {
+      U.masked_fill_(bad, NAN);
+      Vh.masked_fill_(bad, NAN);
+      S.masked_fill_(bad.squeeze(-1), NAN);
+    }
+  }
+  return {R, U, S, Vh};
 }
 
-Tensor svd_polar(const Tensor& P) { return std::get<0>(svd_factors(P)); }
+Tensor svd_polar(const Tensor& P) { return std::get<0>(svd_factors(P, /*contiguous_factors=*/false)); }
 
 // dP = U Y Vh with K = Uᵀ grad Vhᵀ, Y_ij = (K - Kᵀ)_ij / (σ_i + σ_j): the polar factor's VJP in P's singular
 // bases (the reference's lowdin_svd_backward_ref; denominators >= 2 σ_min, infinite for singular P, as the
@@ -217,7 +222,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lowdin_svd_cpu(const Tensor& P) {
     return {at::empty(P.sizes(), P.options()), at::empty(P.sizes(), P.options()), at::empty(vec_shape, P.options()),
             at::empty(P.sizes(), P.options())};
   }
-  auto [R, U, S, Vh] = svd_factors(P.reshape({-1, d, d}));
+  auto [R, U, S, Vh] = svd_factors(P.reshape({-1, d, d}), /*contiguous_factors=*/true);
   return {R.view(P.sizes()), U.view(P.sizes()), S.view(vec_shape), Vh.view(P.sizes())};
 }
 
