@@ -143,7 +143,9 @@ bool warm_start_ok(const Tensor& P, const Tensor& R0, Tensor& A_out) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> svd_factors(const Tensor& P, bool contiguous_factors) {
   Tensor Pin = P;
   Tensor bad;
-  if (!at::isfinite(P).all().item<bool>()) {  // one reduction in the common case; the mask only when needed
+  // One plain reduction in the common case (isfinite is several elementwise ops: ~30 µs at d = 27); a sum that
+  // is not finite (a NaN/inf entry, or finite entries overflowing it) sends to the exact per-matrix mask.
+  if (!std::isfinite(P.sum().item<double>())) {
     bad = at::isfinite(P).all(-1).all(-1).logical_not().unsqueeze(-1).unsqueeze(-1);  // [b, 1, 1]
     Pin = at::where(bad, eye_like(P, P.size(-1)).expand_as(P), P);
   }
