@@ -1,14 +1,16 @@
-"""Independent plain-PyTorch equivalents of the opt_fast ops, and input builders (and a thread-count helper)
-shared by the op tests.
+"""Independent plain-PyTorch equivalents of the opt_fast ops, and input builders (and helpers for thread counts
+and for counting opt_fast op calls) shared by the tests.
 
 None of these call opt_fast: they are what the ops are judged against. Each ``*_torch`` function runs in
 the dtype of its inputs, so it serves both as the float64 reference (on upcast inputs) and as the
 same-dtype PyTorch yardstick of the accuracy rule.
 """
 import contextlib
+from collections import Counter
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 OPS = (
     "householder_product",
@@ -140,3 +142,20 @@ def threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the real invocations of torch.ops.opt_fast.* below autograd (each dispatch = one call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "opt_fast":
+            self.calls[func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def forward_calls(self):
+        return sum(n for op, n in self.calls.items() if not op.endswith("_backward"))

@@ -19,6 +19,7 @@ import torch
 import opt_fast
 from opt_fast.reference.gram_schmidt import gram_schmidt_backward_ref, gram_schmidt_ref
 
+from _refs import noncontiguous as strided  # same values, non-contiguous: "mT" or "slice"
 from _refs import threads
 
 pytestmark = pytest.mark.skipif(not opt_fast.has_kernel("gram_schmidt", "CPU"),
@@ -61,15 +62,6 @@ def qr_sign(P):
 def torch_grad(P, G):
     x = P.detach().clone().requires_grad_(True)
     return torch.autograd.grad(qr_sign(x), x, G)[0]
-
-
-def strided(x, how):
-    """Same values, non-contiguous storage: "mT" (transposed) or "slice" (every other column, inf between)."""
-    if how == "mT":
-        return x.mT.contiguous().mT
-    big = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("inf"), dtype=x.dtype)
-    big[..., ::2] = x
-    return big[..., ::2]
 
 
 def close64(a, b, scale=1.0):

@@ -15,6 +15,7 @@ import torch
 import opt_fast
 from _refs import householder_apply_torch as reflect_loop  # H(v_1)…H(v_k) X by rank-1 reflections
 from _refs import householder_orthogonal_torch as orth_loop
+from _refs import noncontiguous as strided  # same values, non-contiguous: "mT" or "slice"
 from opt_fast.reference import householder as R
 
 pytestmark = pytest.mark.skipif(
@@ -40,15 +41,6 @@ def close64(a, b, scale=1.0):
 def lapack_reflectors(m, n, k, batch=(), dtype=F64):
     V, tau = torch.geqrf(torch.randn(*batch, m, n, dtype=F64))
     return V.to(dtype), tau[..., :k].contiguous().to(dtype)
-
-
-def strided(x, how):
-    """Same values, non-contiguous storage: "mT" (transposed) or "slice" (every other column, inf between)."""
-    if how == "mT":
-        return x.mT.contiguous().mT
-    big = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("inf"), dtype=x.dtype)
-    big[..., ::2] = x
-    return big[..., ::2]
 
 
 def torch_grads(fn, args, grad):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import opt_fast
+from _refs import OpCounter
 from opt_fast.reference.lowdin import lowdin_backward_ref, lowdin_ref
 
 pytestmark = pytest.mark.skipif(not opt_fast.has_kernel("lowdin", "CPU"), reason="C++ CPU lowdin kernel not built")
@@ -94,14 +95,19 @@ def test_stale_R0_falls_back_to_the_svd_route(rel):
     torch.testing.assert_close(R.double(), polar64(P), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("op", ["lowdin", "lowdin_svd"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_matrix_is_nan_and_isolated(bad):
+def test_non_finite_matrix_is_nan_and_isolated(bad, op):
+    def outputs(P):  # every output of the op, as a tuple
+        out = getattr(ops, op)(P)
+        return out if isinstance(out, tuple) else (out,)
+
     P = randn(3, 20, 20, dtype=torch.float32, seed=6)
-    clean = ops.lowdin(P)
+    clean = outputs(P)
     P[1, 4, 7] = bad
-    R = ops.lowdin(P)
-    assert R[1].isnan().all()
-    torch.testing.assert_close(R[[0, 2]], clean[[0, 2]], rtol=0, atol=0)
+    for t, c in zip(outputs(P), clean):
+        assert t[1].isnan().all()
+        torch.testing.assert_close(t[[0, 2]], c[[0, 2]], rtol=0, atol=0)
 
 
 def test_singular_input_gives_an_orthogonal_factor():
@@ -168,17 +174,6 @@ def test_lowdin_svd_factors_are_not_differentiable():
     assert R.requires_grad and not (U.requires_grad or S.requires_grad or Vh.requires_grad)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_lowdin_svd_non_finite_matrix_is_nan_and_isolated(bad):
-    P = randn(3, 20, 20, dtype=torch.float32, seed=16)
-    clean = ops.lowdin_svd(P)
-    P[1, 4, 7] = bad
-    out = ops.lowdin_svd(P)
-    for t, c in zip(out, clean):
-        assert t[1].isnan().all()
-        torch.testing.assert_close(t[[0, 2]], c[[0, 2]], rtol=0, atol=0)
-
-
 def test_lowdin_svd_bad_input_names_the_op():
     with pytest.raises(RuntimeError, match=r"opt_fast.lowdin_svd: expected P to be square"):
         ops.lowdin_svd(torch.randn(3, 4))
@@ -204,33 +199,20 @@ def test_lowdin_svd_opcheck(op):
 
 
 def test_functional_lowdin_takes_lowdin_svd_only_on_cpu_with_grad():
-    from collections import Counter
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "opt_fast":
-                self.n[func._opname] += 1
-            return func(*args, **(kwargs or {}))
-
     P = randn(2, 9, 9, seed=18)
     Pg = P.clone().requires_grad_()
-    with Calls() as c:
+    with OpCounter() as c:
         R = opt_fast.functional.lowdin(Pg)
         R.sum().backward()
-    assert dict(c.n) == {"lowdin_svd": 1, "lowdin_svd_backward": 1}
+    assert dict(c.calls) == {"lowdin_svd": 1, "lowdin_svd_backward": 1}
     torch.testing.assert_close(Pg.grad, lowdin_backward_ref(torch.ones_like(P), P, ops.lowdin(P)), rtol=1e-10, atol=1e-10)
     for args, kwargs in [((P,), {}), ((Pg,), {"iters": 3})]:  # no grad needed / an explicit iteration count
-        with Calls() as c:
+        with OpCounter() as c:
             opt_fast.functional.lowdin(*args, **kwargs)
-        assert dict(c.n) == {"lowdin": 1}
-    with torch.no_grad(), Calls() as c:
+        assert dict(c.calls) == {"lowdin": 1}
+    with torch.no_grad(), OpCounter() as c:
         opt_fast.functional.lowdin(Pg)
-    assert dict(c.n) == {"lowdin": 1}
+    assert dict(c.calls) == {"lowdin": 1}
 
 
 def test_huge_finite_entries_are_not_taken_for_non_finite():

@@ -1,37 +1,19 @@
 """OPT layers, grouping, convert/merge, stochastic OPT (opt_fast.nn)."""
 import warnings
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import opt_fast
+from _refs import OpCounter
 from opt_fast.nn import OPTConv1d, OPTConv2d, OPTLayer, OPTLinear, convert, group_layers, merge
 
 ORTHOGONAL = ["cayley", "gram_schmidt", "householder", "householder_qr", "lowdin", "ogd"]
 MAPS = ["cayley", "gram_schmidt", "householder", "householder_qr", "lowdin"]  # R through an op
 ALL = MAPS + ["ogd", "orth_reg", "none"]
 F64 = torch.float64
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the real invocations of torch.ops.opt_fast.* below autograd (each dispatch = one call)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "opt_fast":
-            self.calls[func._opname] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def forward_calls(self):
-        return sum(n for op, n in self.calls.items() if not op.endswith("_backward"))
 
 
 def _lowdin_has_backward():
