@@ -333,7 +333,9 @@ def test_cayley_nonfinite(case, d):
         expected = torch.eye(d, dtype=F64)
         expected[0, 0] = -1
         assert torch.equal(Q[1], expected)
-    assert torch.equal(Q[[0, 2]], ops.cayley(S[[0, 2]]))
+    # the batched LAPACK path may round differently by a matrix's place in the batch (MKL's kernels
+    # depend on alignment), so the rest of the batch is compared to rounding, not bit for bit
+    torch.testing.assert_close(Q[[0, 2]], ops.cayley(S[[0, 2]]), rtol=1e-13, atol=1e-13)
 
 
 def rank_deficient(m, n, col):
