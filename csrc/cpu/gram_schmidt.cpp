@@ -183,6 +183,11 @@ void backward_one(const Tensor& out, const Tensor& G, const Tensor& P, const Ten
 //   [6, 100, 100] 0.59 / 1.05;  [5, 144, 144] 1.19 / 1.98;  [64, 144, 144] 22.3 / 36.2;  [5, 256, 256] 6.4 / 7.2;
 //   [5, 576, 576] 59.8 / 46.3;  [1, 576, 576] 9.9 / 9.4 (the panels' saved flops win there).
 constexpr int64_t kBatchedBackwardMaxN = 256;
+// The small path's double loops (gram_schmidt_small.h) cost ~B·m·n² scalar flops, the batched calls ~80 µs of
+// call overhead plus BLAS speed: measured (2 threads, float32, µs, small / batched) d = 27: B = 1 ~25 / 110,
+// B = 8 218 / 250; d = 40, B = 4: 250 / 239; d = 48, B = 1: 117 / 132; d = 64, B = 1: 141 / 111; d = 32,
+// B = 16: 458 / 320; d = 64, B = 64: 8.7 / 6.2 ms. Hence the small backward only up to B·m·n² = 2e5.
+constexpr int64_t kSmallBackwardWork = 200000;
 
 void backward_batched(Tensor out, const Tensor& G, const Tensor& P, const Tensor& Q) {
   const auto A = at::bmm(Q.mT(), G);
@@ -216,7 +221,7 @@ Tensor gram_schmidt_backward_cpu(const Tensor& grad_in, const Tensor& P_in, cons
   // A zero (or underflowing) R_jj makes the solve divide by zero: say so instead of returning inf/NaN.
   // Non-finite inputs are not an error: their NaN propagates.
   bool deficient = false;
-  if (small::use_for_gram_schmidt(m, n)) {
+  if (small::use_for_gram_schmidt(m, n) && B * m * n * n <= kSmallBackwardWork) {
     AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "gram_schmidt_backward_small",
                                [&] { deficient = small::gram_schmidt_backward<scalar_t>(out, G3, P3, Q3); });
   } else if (n <= kBatchedBackwardMaxN) {
