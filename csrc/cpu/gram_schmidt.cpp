@@ -179,9 +179,10 @@ void backward_one(const Tensor& out, const Tensor& G, const Tensor& P, const Ten
 }
 
 // The same adjoint for a whole [B, m, n] batch in batched calls, with full (not panelled) products: more
-// flops, far fewer calls. Measured (2 threads, float32, ms, medians of 15) against per-matrix backward_one:
-//   [6, 100, 100] 0.59 / 1.05;  [5, 144, 144] 1.19 / 1.98;  [64, 144, 144] 22.3 / 36.2;  [5, 256, 256] 6.4 / 7.2;
-//   [5, 576, 576] 59.8 / 46.3;  [1, 576, 576] 9.9 / 9.4 (the panels' saved flops win there).
+// flops, far fewer calls. Measured (2 threads, float32, ms, medians of 15, two runs on the shared machine)
+// against per-matrix backward_one: [6, 100, 100] 0.59-1.04 / 1.05-1.26; [5, 144, 144] 1.19-2.09 / 1.98-2.39;
+// [64, 144, 144] 22.3-25.8 / 32.5-36.2; [5, 256, 256] 6.4-8.2 / 7.2-10.2; [5, 576, 576] 60-73 / 46-50;
+// [1, 576, 576] 9.9-13.4 / 9.4-11.7 (the panels' saved flops win there).
 constexpr int64_t kBatchedBackwardMaxN = 256;
 // The small path's double loops (gram_schmidt_small.h) cost ~B·m·n² scalar flops, the batched calls ~80 µs of
 // call overhead plus BLAS speed: measured (2 threads, float32, µs, small / batched) d = 27: B = 1 ~25 / 110,
@@ -191,8 +192,7 @@ constexpr int64_t kSmallBackwardWork = 200000;
 
 void backward_batched(Tensor out, const Tensor& G, const Tensor& P, const Tensor& Q) {
   const auto A = at::bmm(Q.mT(), G);
-  // Rᵀ as the transposed view of a row-major R: the column-major layout LAPACK's trsm takes (a row-major Rᵀ
-  // made the solve below 1.7-1.9x slower at [5, 144, 144])
+  // Rᵀ as the transposed view of a row-major R: already the column-major layout LAPACK's trsm takes
   const auto Rt = at::bmm(Q.mT(), P).triu_().mT();
   auto C = (A - A.mT()).tril_(-1);
   if (Q.size(-2) == Q.size(-1)) {

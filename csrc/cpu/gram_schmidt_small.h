@@ -22,9 +22,9 @@ namespace small {
 
 // When to take these paths: by the number of entries m·n, so that tall P count by their size (the loops run
 // along rows of n entries: skinny P pay more per flop), up to a 64×64 matrix (its double copy, 32 KB, fills
-// L1), forward and backward alike (the backward
-// only while batch·m·n² <= 2e5: beyond that gram_schmidt.cpp's batched BLAS calls are faster, measured there). Measured 2026-11-23 (AMD EPYC, 2 cores shared with other jobs, float32, the
-// kernels alone, medians of interleaved repeats, ranges over 5-10 repeats; old = the LAPACK path of
+// L1), forward and backward alike (the backward only while batch·m·n² <= 2e5: beyond that gram_schmidt.cpp's
+// batched BLAS calls are faster, measured there). Measured 2026-11-23 (AMD EPYC, 2 cores shared with other
+// jobs, float32, the kernels alone, medians of interleaved repeats, ranges over 5-10 repeats; old = the LAPACK path of
 // gram_schmidt.cpp, qr = torch.linalg.qr + sign fix), 1 thread:
 //   forward   d = 27, batch 1:    15-26 µs   (old 64-104 µs, qr 56-112 µs)
 //             d = 32, batch 128:  2.0-3.7 ms (old 6.2-12.2 ms, qr 3.1-5.3 ms)
