@@ -37,6 +37,13 @@ def randn(*shape, dtype=F64):
     return torch.randn(*shape, dtype=F64).to(dtype)
 
 
+def assert_rest_of_batch_unaffected(part_of_batch, alone):
+    """The matrices of a batch next to a NaN/inf one give what they give alone. To rounding, not bit for bit:
+    the batched LAPACK paths may round a matrix differently by its place in the batch (MKL's kernels depend
+    on alignment); a contaminated result would be NaN or off by O(1)."""
+    torch.testing.assert_close(part_of_batch, alone)
+
+
 def skew_input(*shape, dtype=F64):
     return skew(torch.randn(*shape, dtype=F64)).to(dtype)
 
@@ -334,9 +341,7 @@ def test_cayley_nonfinite(case, d):
         expected = torch.eye(d, dtype=F64)
         expected[0, 0] = -1
         assert torch.equal(Q[1], expected)
-    # the batched LAPACK path may round differently by a matrix's place in the batch (MKL's kernels
-    # depend on alignment), so the rest of the batch is compared to rounding, not bit for bit
-    torch.testing.assert_close(Q[[0, 2]], ops.cayley(S[[0, 2]]), rtol=1e-13, atol=1e-13)
+    assert_rest_of_batch_unaffected(Q[[0, 2]], ops.cayley(S[[0, 2]]))
 
 
 def rank_deficient(m, n, col):
@@ -378,7 +383,7 @@ def test_gram_schmidt_nonfinite_pattern(where, value, m, n):
         assert torch.equal(nan, ref_nan)
     else:
         assert not (ref_nan & ~nan).any()
-    assert torch.equal(ops.gram_schmidt(P, 0)[[0, 2]], ops.gram_schmidt(P[[0, 2]], 0))
+    assert_rest_of_batch_unaffected(ops.gram_schmidt(P, 0)[[0, 2]], ops.gram_schmidt(P[[0, 2]], 0))
 
 
 @pytest.mark.parametrize("which", ["grad", "P", "Q"])
