@@ -495,6 +495,14 @@ Tensor product_W(const Tensor& T, const Tensor& Y, int64_t n, double alpha, int6
 
 // ---- householder_product -------------------------------------------------------------------------
 
+// The level-3 UT form above does ~2x orgqr's flops and wins only where its large GEMMs thread better than
+// LAPACK's panels: one large matrix. Elsewhere LAPACK's orgqr (through ATen; batches run one matrix per
+// thread) is faster. Measured (float32, householder_product fwd time / torch.linalg.householder_product's,
+// medians of 21 interleaved calls, this shared 2-core machine), 2 threads / 1 thread:
+//   batch 1: d = 144 2.06 / 1.90; 256 1.03 / 1.44; 384 0.94 / 1.38; 512 0.86 / 0.91; 1024 0.66 / 0.87
+//   batches: [2, 512] 0.99 / 1.10; [5, 576] 1.35 / 1.27; [64, 144] 2.0 (2 threads)
+bool use_level3_product(int64_t B, int64_t k) { return B == 1 && k >= 512; }
+
 Tensor householder_product_cpu(const Tensor& V, const Tensor& tau) {
   check_product("householder_product", V, tau);
   const int64_t m = V.size(-2), n = V.size(-1), k = tau.size(-1), B = batch_numel(V, 2);
@@ -507,6 +515,10 @@ Tensor householder_product_cpu(const Tensor& V, const Tensor& tau) {
     const auto Vc = V3.contiguous();
     AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "householder_product_small", [&] { small::product<scalar_t>(Q, Vc, tau2); });
     return Q.view(V.sizes());
+  }
+  if (k > 0 && B > 0 && !use_level3_product(B, k)) {
+    // LAPACK hands Q out column-major; the op's output is row-major (one d² copy against orgqr's d³ work)
+    return at::linalg_householder_product(V3, tau2).contiguous().view(V.sizes());
   }
   if (k == 0 || B == 0) {
     Q = at::zeros({B, m, n}, V.options());
