@@ -120,6 +120,19 @@ def test_dense_f64(d, k, n, batch):
     close64(dX, dX_ref, scale=d)
 
 
+@pytest.mark.parametrize("m,n,k", [(512, 512, 512), (600, 520, 512)])
+def test_product_level3_forward(m, n, k):
+    """householder_product's forward takes the level-3 UT form only for one matrix with k >= 512 (LAPACK's
+    orgqr elsewhere): float64 against the reference, float32 within 2x of torch's error."""
+    V, tau = product_inputs(m, n, k, ())
+    Q = ops.householder_product(V, tau)
+    assert Q.is_contiguous()
+    close64(Q, R.householder_product_ref(V, tau))
+    V32, tau32 = V.float(), tau.float()
+    rule32(ops.householder_product(V32, tau32), R.householder_product_ref(V, tau),
+           torch.linalg.householder_product(V32, tau32), "householder_product")
+
+
 # ---- float32: 2x torch's own error against a float64 reference --------------------------------------
 
 # (300, 300, 300) only unbatched: torch's float32 autograd baseline is slow
