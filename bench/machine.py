@@ -76,9 +76,19 @@ def info(device) -> dict:
         "git_sha": git("rev-parse", "HEAD"),
         "git_dirty": bool(status) if status is not None else None,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "triton_f32_precision": triton_f32_precision(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "kernels": {dev.type: {op: opt_fast.kernel_for(op, dev.type) for op in _ops()}},
     }
+
+
+def triton_f32_precision():
+    """The Triton kernels' float32 tl.dot precision (OPT_FAST_TRITON_F32_PRECISION), None without Triton."""
+    try:
+        from opt_fast.triton_kernels import matmul
+    except Exception:   # Triton not installed, or no Triton kernels in this build
+        return None
+    return matmul.F32_PRECISION
 
 
 def _ops():

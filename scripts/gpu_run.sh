@@ -6,20 +6,21 @@
 #
 #   check  env, build (CUDA kernels required), backend table, CUDA tests, Triton tests on CUDA,
 #          compute-sanitizer memcheck/racecheck on the CUDA smoke tests, then the rest of the test suite
-#   bench  build if the extension is not importable (a warm machine keeps the build), the lowdin grid,
-#          the full report on CUDA, the pytest-benchmark smoke test
+#   bench  build if the extension is not importable (a warm machine keeps the build), the lowdin grid
+#          (Triton float32 products in "ieee", then in "tf32x3"), the full report on CUDA, the
+#          pytest-benchmark smoke test
 #   all    (default) both in one call, the report getting whatever time is left of TOTAL_S
 #
 # Device time is short, so the usual pair is two calls on the same warm machine:
 #   run: bash scripts/gpu_run.sh $OUT check      then      run: bash scripts/gpu_run.sh $OUT bench
 # Logs and results are written to WORK_DIR (default /tmp/opt_fast_gpu_run; kept between calls) and packed
 # at the end into OUTDIR/gpu_run-<mode>.tgz; OUTDIR also gets summary-<mode>.log and the reports'
-# .md/.json (at most 6 files, so that every one of them comes back from the device machine).
+# .md/.json (at most 8 files, so that every one of them comes back from the device machine).
 #
 # Environment: PYTHON (default python3, the system Python: no venv), TORCH_CUDA_ARCH_LIST (default: the local
 # GPU's compute capability from nvidia-smi, else 9.0), MAX_JOBS (default 16), SANITIZE (default 1: run the
 # CUDA smoke tests under compute-sanitizer when it is installed), LOWDIN_BUDGET_S (the lowdin grid's cap,
-# default 150 s), TOTAL_S (the wall time this call should fit in, default 570 s: the report gets what the
+# default 150 s; LOWDIN_TF32X3_BUDGET_S, default 90 s, for its tf32x3 rerun), TOTAL_S (the wall time this call should fit in, default 570 s: the report gets what the
 # earlier stages left), BENCH_BUDGET_S (the report's cap in seconds instead; 0 = no cap), BENCH_ARGS (extra
 # arguments for bench/report.py), PYTEST_WORKERS (default 8: the CPU-side test suite runs under
 # pytest-xdist when it is installed).
@@ -66,7 +67,10 @@ finish() {
   column -t -s $'\t' "$LOG/stages.tsv" 2>/dev/null | tee -a "$LOG/summary.log" || cat "$LOG/stages.tsv"
   tar -czf "$OUTDIR/gpu_run-$MODE.tgz" -C "$WORK" "$MODE"
   cp "$LOG/summary.log" "$OUTDIR/summary-$MODE.log"
-  find "$LOG" -maxdepth 2 \( -name '*.md' -o -name '*.json' \) -exec cp {} "$OUTDIR/" \;
+  # reports from the same minute share a name: prefix each with its folder (report, lowdin, lowdin_tf32x3)
+  for f in "$LOG"/*/*.md "$LOG"/*/*.json; do
+    [ -f "$f" ] && cp "$f" "$OUTDIR/$(basename "$(dirname "$f")")-$(basename "$f")"
+  done
   exit "$status"
 }
 
@@ -102,9 +106,13 @@ if [ "$MODE" != check ]; then
   if ! OPT_FAST_REQUIRE_EXT=1 "$PY" -c "import opt_fast, torch; assert torch.cuda.is_available()" 2>/dev/null; then
     build || { echo "=== build failed: no benchmarks (see build.log)" | tee -a "$LOG/summary.log"; finish; }
   fi
-  # lowdin's grid (d × batch, cold / warm / reuse, fwd and fwd+bwd) first, with its own share of the time
+  # lowdin's grid (d × batch, cold / warm / reuse, fwd and fwd+bwd) first, with its own share of the time;
+  # then the same grid with the Triton float32 products on tensor cores (tf32x3), whose accuracy the
+  # report's gate checks: the candidate for the CUDA targets
   stage report_lowdin "$PY" bench/report.py --device cuda --full --ops lowdin --no-e2e --out "$LOG/lowdin" \
     --budget "${LOWDIN_BUDGET_S:-150}"
+  stage report_lowdin_tf32x3 env OPT_FAST_TRITON_F32_PRECISION=tf32x3 "$PY" bench/report.py --device cuda \
+    --full --ops lowdin --no-e2e --no-targets --out "$LOG/lowdin_tf32x3" --budget "${LOWDIN_TF32X3_BUDGET_S:-90}"
   budget=${BENCH_BUDGET_S:-$(( TOTAL_S - SECONDS - 60 ))}
   [ "$budget" -lt 60 ] 2>/dev/null && budget=60
   budget_args=()

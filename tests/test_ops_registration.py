@@ -1,5 +1,6 @@
 """Registration of the opt_fast op surface: opcheck on every forward and backward op, torch.compile,
 the functional wrappers, backend_report and the OPT_FAST_DISABLE_EXT / OPT_FAST_REQUIRE_EXT policy."""
+import importlib.util
 import io
 import json
 import os
@@ -272,3 +273,19 @@ def test_disable_ext_subprocess():
     torch.testing.assert_close(q_child, Q.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_child, g, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(q_child, TORCH_EQUIV["cayley"](S.detach()), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+@pytest.mark.parametrize("value,ok", [("tf32x3", True), ("ieee", True), ("tf32", False), ("fast", False)])
+def test_triton_f32_precision_env(value, ok):
+    """OPT_FAST_TRITON_F32_PRECISION picks the Triton kernels' float32 dot precision; a value it does not
+    offer (TF32 alone is too coarse for the polar factor) stops `import opt_fast` with a message naming the
+    variable and the choices, instead of silently falling back to another kernel."""
+    env = dict(os.environ, OPT_FAST_TRITON_F32_PRECISION=value)
+    code = "import opt_fast; from opt_fast.triton_kernels import matmul; print(matmul.F32_PRECISION)"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    if ok:
+        assert res.returncode == 0 and res.stdout.split()[-1] == value, res.stderr[-2000:]
+    else:
+        assert res.returncode != 0
+        assert "OPT_FAST_TRITON_F32_PRECISION must be one of ('ieee', 'tf32x3')" in res.stderr, res.stderr[-2000:]

@@ -19,6 +19,7 @@ Tiles are square (BM = BN) so a tile and its mirror have the same shape. Grid: (
 loop over the batch.
 """
 import functools
+import os
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -27,8 +28,15 @@ import triton.language as tl
 
 from . import INTERPRET
 
-# float32 tl.dot precision for the exact path; "tf32x3" is the candidate to try on a GPU (not validated).
-F32_PRECISION = "ieee"
+# float32 tl.dot precision for the exact path: "ieee" (FMA, exact float32 products), or "tf32x3" (three TF32
+# tensor-core passes, about float32 accuracy): the candidate for the GPU targets, chosen by the environment
+# variable OPT_FAST_TRITON_F32_PRECISION so that one GPU run can time both (not validated on hardware yet;
+# the benchmark's accuracy gate decides). TF32 alone is not offered: see the module docstring.
+F32_PRECISIONS = ("ieee", "tf32x3")
+F32_PRECISION = os.environ.get("OPT_FAST_TRITON_F32_PRECISION", "ieee")
+if F32_PRECISION not in F32_PRECISIONS:
+    raise ValueError(f"opt_fast: OPT_FAST_TRITON_F32_PRECISION must be one of {F32_PRECISIONS}, "
+                     f"got {F32_PRECISION!r}")
 # (BM, BK) forced for every launch (tests use it to get several tiles at small d); None = by size.
 BLOCK_OVERRIDE: Optional[Tuple[int, int]] = None
 
