@@ -20,7 +20,8 @@
 # Environment: PYTHON (default python3, the system Python: no venv), TORCH_CUDA_ARCH_LIST (default: the local
 # GPU's compute capability from nvidia-smi, else 9.0), MAX_JOBS (default 16), SANITIZE (default 1: run the
 # CUDA smoke tests under compute-sanitizer when it is installed), LOWDIN_BUDGET_S (the lowdin grid's cap,
-# default 150 s; LOWDIN_TF32X3_BUDGET_S, default 90 s, for its tf32x3 rerun), TOTAL_S (the wall time this call should fit in, default 570 s: the report gets what the
+# default 150 s), LOWDIN_TF32X3_BUDGET_S (its tf32x3 rerun's cap, default 90 s in bench mode, 0 = skipped
+# in all mode), TOTAL_S (the wall time this call should fit in, default 570 s: the report gets what the
 # earlier stages left), BENCH_BUDGET_S (the report's cap in seconds instead; 0 = no cap), BENCH_ARGS (extra
 # arguments for bench/report.py), PYTEST_WORKERS (default 8: the CPU-side test suite runs under
 # pytest-xdist when it is installed).
@@ -98,7 +99,7 @@ if [ "$MODE" != bench ]; then
   fi
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-8}")
-  stage tests env OPT_FAST_REQUIRE_EXT=1 "$PY" -m pytest tests -q -p no:cacheprovider -rs "${xdist[@]}" \
+  stage tests env OPT_FAST_REQUIRE_EXT=1 "$PY" -m pytest tests -q -p no:cacheprovider -rs ${xdist[@]+"${xdist[@]}"} \
     --ignore=tests/test_cuda_kernels.py --ignore=tests/test_triton_lowdin.py
 fi
 
@@ -111,14 +112,17 @@ if [ "$MODE" != check ]; then
   # report's gate checks: the candidate for the CUDA targets
   stage report_lowdin "$PY" bench/report.py --device cuda --full --ops lowdin --no-e2e --out "$LOG/lowdin" \
     --budget "${LOWDIN_BUDGET_S:-150}"
-  stage report_lowdin_tf32x3 env OPT_FAST_TRITON_F32_PRECISION=tf32x3 "$PY" bench/report.py --device cuda \
-    --full --ops lowdin --no-e2e --no-targets --out "$LOG/lowdin_tf32x3" --budget "${LOWDIN_TF32X3_BUDGET_S:-90}"
+  tf32x3_budget=${LOWDIN_TF32X3_BUDGET_S:-$([ "$MODE" = all ] && echo 0 || echo 90)}
+  if [ "$tf32x3_budget" != 0 ]; then
+    stage report_lowdin_tf32x3 env OPT_FAST_TRITON_F32_PRECISION=tf32x3 "$PY" bench/report.py --device cuda \
+      --full --ops lowdin --no-e2e --no-targets --out "$LOG/lowdin_tf32x3" --budget "$tf32x3_budget"
+  fi
   budget=${BENCH_BUDGET_S:-$(( TOTAL_S - SECONDS - 60 ))}
   [ "$budget" -lt 60 ] 2>/dev/null && budget=60
   budget_args=()
   [ "$budget" != "0" ] && budget_args=(--budget "$budget")
   # shellcheck disable=SC2086
-  stage report "$PY" bench/report.py --device cuda --full --out "$LOG/report" "${budget_args[@]}" ${BENCH_ARGS:-}
+  stage report "$PY" bench/report.py --device cuda --full --out "$LOG/report" ${budget_args[@]+"${budget_args[@]}"} ${BENCH_ARGS:-}
   if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
     stage bench_smoke timeout 50 "$PY" -m pytest bench --benchmark-disable -q -p no:cacheprovider --bench-device cuda
   fi
