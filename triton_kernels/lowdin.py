@@ -20,8 +20,10 @@ under this schedule (scripts/lowdin_scaling_sim.py, float64 simulation of the sc
 for the matrix) and saves 0-2 steps only at d = 2304, while 5-10 power iterations underestimate σ_max
 for most N(0,1) matrices (clustered top singular values), which is unsafe for the cubic.
 
-Precision: float32 products use ``input_precision="ieee"`` in every step. The iteration corrects the
-singular values, not the singular vectors: X_k = R f_k(H) only while every product is exact, and a
+Precision: float32 products use ``input_precision="ieee"`` in every step (``OPT_FAST_TRITON_F32_PRECISION=
+tf32x3`` selects three TF32 passes instead: about float32 accuracy on tensor cores, to be judged by the
+benchmark's accuracy gate on a GPU; see matmul.py). The iteration corrects the singular values, not the
+singular vectors: X_k = R f_k(H) only while every product is exact, and a
 rounding of X or A at TF32's 2^-11 in an early step, when σ_min / s ~ 1e-5, changes the polar factor
 of the iterate in the small-σ directions by far more than 1e-5 (the same amplification that defeats the
 stale warm start in the reference docstring). TF32/bf16 is therefore only used in the approximate mode

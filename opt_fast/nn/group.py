@@ -8,8 +8,8 @@ How the single call is guaranteed:
 * Inside a session the first layer of a group that runs calls ``LayerGroup.result``: it stacks the
   group's parameters (``torch.stack`` of each layer's own nn.Parameter, so each keeps its state_dict key
   and gets its gradient through the stack), makes the one op call, and caches the result unbound into
-  one view per layer; the other layers take theirs from the cache. Each forward of the model therefore recomputes exactly once, and
-  the graph of one forward is never reused by another.
+  one view per layer; the other layers take theirs from the cache. Each forward of the model therefore
+  recomputes exactly once, and the graph of one forward is never reused by another.
 * Outside a session (a layer or a submodule called on its own, checkpoint recomputation) a layer
   computes its R with a call of its own, so results never go stale.
 
@@ -46,7 +46,7 @@ class LayerGroup:
         if self._cache is None:
             # unbind, not indexing per layer: one UnbindBackward stacks the layers' gradients, where B
             # SelectBackwards would each zero-fill a [B, d, d] tensor and autograd would then sum B of them
-            # (measured on CNN-6's five 576-layers: ~10 ms of a gram_schmidt training step)
+            # (this backward at [5, 576, 576], measured: 11.6 ms indexed, 7.0 ms unbound)
             self._cache = self.compute().unbind(0)
         return self._cache[index]
 
