@@ -188,13 +188,9 @@ LAYER_MAPS = {   # method -> R = map(P), through the public ops
     "gram_schmidt": lambda P: torch.ops.opt_fast.gram_schmidt(P.mT).mT,   # rows of P, as OPT-GS
     "householder": lambda P: torch.ops.opt_fast.householder_orthogonal(P),  # k = d dense reflectors
     "householder_qr": lambda P: torch.ops.opt_fast.gram_schmidt(P),        # columns (det fix left out)
-    "lowdin": lambda P: _functional().lowdin(P),  # as the OPT layers: lowdin, or lowdin_svd on the CPU with grad
+    # as the OPT layers: lowdin, or lowdin_svd on the CPU with a gradient
+    "lowdin": lambda P: importlib.import_module("opt_fast.functional").lowdin(P),
 }
-
-
-def _functional():
-    import opt_fast.functional
-    return opt_fast.functional
 
 
 def layer_set_times(layer_set: Dict[int, int], device, dtype=torch.float32, steps: int = 3,

@@ -36,7 +36,8 @@ at::Tensor lu_inverse(const at::Tensor& LU, const at::Tensor& pivots, const at::
 at::Tensor batched_inverse(const at::Tensor& A, const at::Tensor& eye) {
   auto [LU, pivots, info] = at::linalg_lu_factor_ex(A);
   const int64_t d = A.size(-1);
-  const bool valid = pivots.min().item<int64_t>() >= 1 && pivots.max().item<int64_t>() <= d;
+  const auto [lo, hi] = at::aminmax(pivots);
+  const bool valid = lo.item<int64_t>() >= 1 && hi.item<int64_t>() <= d;
   if (!valid) return at::Tensor();
   TORCH_CHECK(info.max().item<int64_t>() == 0, kSingular);
   return lu_inverse(LU, pivots, eye);

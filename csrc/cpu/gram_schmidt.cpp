@@ -235,14 +235,15 @@ Tensor gram_schmidt_backward_cpu(const Tensor& grad_in, const Tensor& P_in, cons
   if (small::use_for_gram_schmidt(m, n) && B * m * n * n <= kSmallBackwardWork) {
     AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "gram_schmidt_backward_small",
                                [&] { deficient = small::gram_schmidt_backward<scalar_t>(out, G3, P3, Q3); });
-  } else if (n <= kBatchedBackwardMaxN) {
-    backward_batched(out.view({B, m, n}), G3, P3, Q3);
-    deficient = !all_finite(out) && all_finite(G) && all_finite(P) && all_finite(Q);
   } else {
     const auto O3 = out.view({B, m, n});
-    for_each_matrix(B, [&](int64_t b) {
-      backward_one(O3.select(0, b), G3.select(0, b), P3.select(0, b), Q3.select(0, b));
-    });
+    if (n <= kBatchedBackwardMaxN) {
+      backward_batched(O3, G3, P3, Q3);
+    } else {
+      for_each_matrix(B, [&](int64_t b) {
+        backward_one(O3.select(0, b), G3.select(0, b), P3.select(0, b), Q3.select(0, b));
+      });
+    }
     deficient = !all_finite(out) && all_finite(G) && all_finite(P) && all_finite(Q);
   }
   TORCH_CHECK(!deficient, "opt_fast.", op,
