@@ -115,6 +115,55 @@ def cayley(S: Tensor) -> None:
     square("cayley", "S", S)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cayley_neumann(S: Tensor, terms: int, op: str = "cayley_neumann") -> None:
+    if not isinstance(S, Tensor):
+        fail(op, f"expected S to be a Tensor, got {type(S).__name__}")
+    if S.dtype not in FLOAT_DTYPES + HALF_DTYPES:
+        fail(op, f"expected S to be float32, float64, float16 or bfloat16, got {S.dtype}")
+    if S.dim() < 2 or S.shape[-1] != S.shape[-2]:
+        fail(op, f"expected S to be square [..., b, b], got shape {_shape(S)}")
+    if not isinstance(terms, int) or terms < 0:
+        fail(op, f"expected terms >= 0 (the number of Neumann terms after I), got {terms!r}")
+
+
+def block_apply(R: Tensor, X: Tensor, perm: Optional[Tensor]) -> None:
+    op = "block_apply"
+    if not isinstance(R, Tensor) or not isinstance(X, Tensor):
+        fail(op, "expected R and X to be Tensors")
+    if R.dtype not in FLOAT_DTYPES:
+        fail(op, f"expected R to be float32 or float64, got {R.dtype}")
+    if R.dim() != 3 or R.shape[-1] != R.shape[-2]:
+        fail(op, f"expected R of shape [nb, b, b] (nb square blocks), got {_shape(R)}")
+    if X.dim() < 1:
+        fail(op, "expected X with at least 1 dimension [..., n], got a 0-d tensor")
+    if X.device != R.device:
+        fail(op, f"expected R and X on the same device, got {R.device} and {X.device}")
+    if X.dtype != R.dtype and not (X.dtype in HALF_DTYPES and R.dtype == torch.float32):
+        fail(op, f"expected X to have R's dtype {R.dtype} (or float16/bfloat16 with float32 R), got {X.dtype}")
+    n, covered = X.shape[-1], R.shape[0] * R.shape[-1]
+    if covered > n:
+        fail(op, f"expected nb·b <= n, got R {_shape(R)} ({covered} coordinates) for X of shape {_shape(X)}")
+    if perm is None:
+        return
+    if not isinstance(perm, Tensor) or perm.dtype != torch.int64 or perm.dim() != 1 or perm.numel() != n:
+        got = f"{perm.dtype} of shape {_shape(perm)}" if isinstance(perm, Tensor) else type(perm).__name__
+        fail(op, f"expected perm to be an int64 tensor of shape [{n}] (a permutation of X's last dim), got {got}")
+    if perm.device != X.device:
+        fail(op, f"expected perm on X's device {X.device}, got {perm.device}")
+    if _has_values(perm) and perm.device.type == "cpu" and n and not bool(
+            (torch.bincount(perm.clamp(0, n - 1), minlength=n) == 1).all() & (perm.min() >= 0) & (perm.max() < n)):
+        fail(op, f"expected perm to be a permutation of 0..{n - 1} (every index exactly once)")
+
+
+def _has_values(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (torch.compiler.is_compiling() or is_fake(t) or t.device.type == "meta")
+
+
 def gram_schmidt_backward(grad: Tensor, P: Tensor, Q: Tensor) -> None:
     op = "gram_schmidt_backward"
     grad_like(op, grad, Q.shape)

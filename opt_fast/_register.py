@@ -120,6 +120,39 @@ def _cayley_backward_fake(grad, Q):
     return _empty(Q, Q.shape)
 
 
+@torch.library.register_fake("opt_fast::cayley_neumann", lib=lib)
+def _cayley_neumann_fake(S, terms=5):
+    _checks.cayley_neumann(S, terms)
+    return _empty(S, S.shape)
+
+
+@torch.library.register_fake("opt_fast::cayley_neumann_backward", lib=lib)
+def _cayley_neumann_backward_fake(grad, S, terms):
+    return _empty(S, S.shape)
+
+
+@torch.library.register_fake("opt_fast::cayley_neumann_powers", lib=lib)
+def _cayley_neumann_powers_fake(S, terms=5):
+    _checks.cayley_neumann(S, terms, op="cayley_neumann_powers")
+    return _empty(S, S.shape), _empty(S, S.shape[:-2] + (terms // 2,) + S.shape[-2:])
+
+
+@torch.library.register_fake("opt_fast::cayley_neumann_powers_backward", lib=lib)
+def _cayley_neumann_powers_backward_fake(grad, S, powers, terms):
+    return _empty(S, S.shape)
+
+
+@torch.library.register_fake("opt_fast::block_apply", lib=lib)
+def _block_apply_fake(R, X, perm=None):
+    _checks.block_apply(R, X, perm)
+    return _empty(X, X.shape)
+
+
+@torch.library.register_fake("opt_fast::block_apply_backward", lib=lib)
+def _block_apply_backward_fake(grad, R, X, perm):
+    return _empty(R, R.shape), _empty(X, X.shape)
+
+
 # ---- 3. autograd -----------------------------------------------------------------------------------
 def _register_autograd(op, saved, backward):
     """``saved(inputs, output)`` picks the tensors to keep; ``backward(grad, *saved)`` returns input grads."""
@@ -167,18 +200,79 @@ torch.library.register_autograd("opt_fast::lowdin_svd", _lowdin_svd_bw, setup_co
 
 
 
+def _cayley_neumann_setup(ctx, inputs, output):
+    ctx.terms = inputs[1]
+    ctx.save_for_backward(inputs[0])
+
+
+def _cayley_neumann_bw(ctx, grad):
+    return _ops.cayley_neumann_backward(grad, ctx.saved_tensors[0], ctx.terms), None
+
+
+torch.library.register_autograd("opt_fast::cayley_neumann", _cayley_neumann_bw,
+                                setup_context=_cayley_neumann_setup, lib=lib)
+
+
+def _cayley_neumann_powers_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # the powers are for the backward
+    ctx.terms = inputs[1]
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _cayley_neumann_powers_bw(ctx, grad, _):
+    S, powers = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: the op whose double backward is defined
+        return _ops.cayley_neumann_backward(grad, S, ctx.terms), None
+    return _ops.cayley_neumann_powers_backward(grad, S, powers, ctx.terms), None
+
+
+torch.library.register_autograd("opt_fast::cayley_neumann_powers", _cayley_neumann_powers_bw,
+                                setup_context=_cayley_neumann_powers_setup, lib=lib)
+
+
+def _block_apply_setup(ctx, inputs, output):
+    R, X, perm = (list(inputs) + [None])[:3]
+    ctx.save_for_backward(R, X, perm)
+
+
+def _block_apply_bw(ctx, grad):
+    R, X, perm = ctx.saved_tensors
+    grad_R, grad_X = _ops.block_apply_backward(grad, R, X, perm)
+    return grad_R, grad_X, None
+
+
+torch.library.register_autograd("opt_fast::block_apply", _block_apply_bw, setup_context=_block_apply_setup, lib=lib)
+
+
 def _register_double_backward(op):
-    """Autograd for ``<op>_backward``: the VJP of its pure-PyTorch reference (rarely used; correct first)."""
+    """Autograd for ``<op>_backward``: the VJP of its pure-PyTorch reference (rarely used; correct first),
+    with respect to its floating-point tensor arguments (ints, index tensors and None pass through)."""
     ref = REFERENCE_KERNELS[op]
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.diff = [isinstance(a, torch.Tensor) and a.is_floating_point() for a in inputs]
+        ctx.save_for_backward(*[a for a, d in zip(inputs, ctx.diff) if d])
+        ctx.others = [None if d else a for a, d in zip(inputs, ctx.diff)]
 
     def bw(ctx, *grads):
-        out, vjp_fn = torch.func.vjp(ref, *ctx.saved_tensors)
+        it = iter(ctx.saved_tensors)
+        args = [next(it) if d else other for d, other in zip(ctx.diff, ctx.others)]
+        where = [i for i, d in enumerate(ctx.diff) if d]
+
+        def f(*diff_args):
+            full = list(args)
+            for i, a in zip(where, diff_args):
+                full[i] = a
+            return ref(*full)
+
+        out, vjp_fn = torch.func.vjp(f, *[args[i] for i in where])
         outs = out if isinstance(out, tuple) else (out,)
         grads = tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, outs))
-        return vjp_fn(grads if isinstance(out, tuple) else grads[0])
+        diff_grads = vjp_fn(grads if isinstance(out, tuple) else grads[0])
+        result = [None] * len(args)
+        for i, g in zip(where, diff_grads):
+            result[i] = g
+        return tuple(result)
 
     torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
 

@@ -93,3 +93,25 @@ def skew(P: Tensor) -> Tensor:
     """The skew matrix OPT-CP builds from its parameter: triu(P) - triu(P)ᵀ (opt_spec.md §2.1)."""
     U = P.triu()
     return U - U.mT
+
+
+def cayley_neumann(S: Tensor, terms: int = 5) -> Tensor:
+    """The truncated Cayley map (I + A) Σ_{i=0..terms} Aⁱ of the skew part A = (S − Sᵀ)/2 of each square block
+    of S ([..., b, b]); for a skew-symmetric S, the Neumann-series approximation of the exact
+    ``cayley(S)`` = (I + S)(I − S)⁻¹, orthogonal up to about 2‖S‖₂^(terms+1). PEFT's OFT with
+    ``num_cayley_neumann_terms = n`` is ``terms = n − 2``; POET's ``k`` terms are ``terms = k``.
+
+    When a gradient is needed this takes ``torch.ops.opt_fast.cayley_neumann_powers``, the same map keeping
+    the powers of A so that the backward does not recompute them."""
+    if S.requires_grad and torch.is_grad_enabled():
+        return _ops.cayley_neumann_powers(S, terms)[0]
+    return _ops.cayley_neumann(S, terms)
+
+
+def block_apply(R: Tensor, X: Tensor, perm: Optional[Tensor] = None) -> Tensor:
+    """The permuted block-diagonal product on the last dim of X: ``Y[..., perm] = blockdiag(R) @ X[..., perm]``
+    for every row of X (chunk j of the permuted row times R_j). R: [nb, b, b]; X: [..., n] with nb·b <= n
+    (the coordinates perm[nb·b:] pass through unchanged); perm: int64 [n] or None (identity).
+    bfloat16/float16 X with float32 R: products in float32, result in X's dtype."""
+    return _ops.block_apply(R, X, perm)
+
