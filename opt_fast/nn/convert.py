@@ -1,5 +1,5 @@
-"""Model surgery: ``convert`` swaps nn.Linear / nn.Conv1d / nn.Conv2d for OPT layers, ``merge`` swaps them
-back for plain layers holding W = R W0 (inference, export)."""
+"""Model surgery: ``convert`` swaps nn.Linear / nn.Conv1d / nn.Conv2d / nn.MultiheadAttention for OPT layers,
+``merge`` swaps them back for plain layers holding W = R W0 (inference, export)."""
 import copy
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -7,11 +7,14 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import attention as _attention
+from .attention import OPTMultiheadAttention
 from .group import Grouping, group_layers
 from .layers import OPTConv1d, OPTConv2d, OPTLayer, OPTLinear
 from .methods import get_method, normalize_init
 
-_TARGETS = {nn.Linear: OPTLinear, nn.Conv1d: OPTConv1d, nn.Conv2d: OPTConv2d}
+_TARGETS = {nn.Linear: OPTLinear, nn.Conv1d: OPTConv1d, nn.Conv2d: OPTConv2d,
+            nn.MultiheadAttention: OPTMultiheadAttention}
 
 
 def _why_not(module: nn.Module) -> Optional[str]:
@@ -19,9 +22,12 @@ def _why_not(module: nn.Module) -> Optional[str]:
     kind = type(module)
     if kind not in _TARGETS:
         base = next((t.__name__ for t in _TARGETS if isinstance(module, t)), None)
-        if base is not None:  # e.g. MultiheadAttention's out_proj, whose weight its parent reads directly
-            return f"{kind.__name__} is a subclass of nn.{base}; only exact nn.Linear/Conv1d/Conv2d are converted"
-        return f"{kind.__name__} is not supported (only nn.Linear, nn.Conv1d, nn.Conv2d)"
+        if base is not None:  # e.g. MultiheadAttention's out_proj, converted with its parent
+            return (f"{kind.__name__} is a subclass of nn.{base}; only exact nn.Linear/Conv1d/Conv2d/"
+                    f"MultiheadAttention are converted (an attention's out_proj is converted with it)")
+        return f"{kind.__name__} is not supported (only nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)"
+    if kind is nn.MultiheadAttention:
+        return _attention.why_not(module)
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) or isinstance(
             module.weight, nn.parameter.UninitializedParameter):
         return "its weight is not initialised yet (lazy module)"
@@ -34,11 +40,15 @@ def _why_not(module: nn.Module) -> Optional[str]:
 
 
 def _candidates(model: nn.Module) -> Dict[str, nn.Module]:
+    inside_attention = _attention.out_projections(model)
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(m, OPTLayer)}
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention))
+            and not isinstance(m, (OPTLayer, OPTMultiheadAttention)) and id(m) not in inside_attention}
 
 
-def _build(module: nn.Module, keep_weights: bool, layer_kwargs) -> OPTLayer:
+def _build(module: nn.Module, keep_weights: bool, layer_kwargs) -> nn.Module:
+    if isinstance(module, nn.MultiheadAttention):
+        return OPTMultiheadAttention.from_module(module, keep_weights, **layer_kwargs)
     w = module.weight
     kwargs = dict(layer_kwargs, bias=module.bias is not None, device=w.device, dtype=w.dtype)
     if isinstance(module, nn.Linear):
@@ -69,7 +79,8 @@ def convert(model: nn.Module, method: str = "gram_schmidt", *, keep_weights: boo
             exclude: Iterable[str] = (), strict: bool = False, group: bool = True,
             stochastic: Optional[float] = None, sample: str = "coordinate",
             num_reflectors: Optional[int] = None) -> nn.Module:
-    """Replace ``model``'s nn.Linear / nn.Conv1d / nn.Conv2d (groups=1) by OPT layers, in place.
+    """Replace ``model``'s nn.Linear / nn.Conv1d / nn.Conv2d (groups=1) by OPT layers, in place, and each
+    nn.MultiheadAttention by an OPTMultiheadAttention (its q, k, v and out projections as OPT layers).
 
     method: see opt_fast.nn.METHODS. init: "reference" (the released code's init, the default) or
     "identity" (R = I; the default when keep_weights=True).
@@ -93,7 +104,8 @@ def convert(model: nn.Module, method: str = "gram_schmidt", *, keep_weights: boo
         for name in include:
             if name not in named:
                 raise ValueError(f"opt_fast.nn.convert: no module named {name!r} in the model")
-            reason = "it is already an OPT layer" if isinstance(named[name], OPTLayer) else _why_not(named[name])
+            already = isinstance(named[name], (OPTLayer, OPTMultiheadAttention))
+            reason = "it is already an OPT layer" if already else _why_not(named[name])
             if reason is not None:
                 raise ValueError(f"opt_fast.nn.convert: cannot convert {name!r}: {reason}")
         candidates = {name: named[name] for name in include}
@@ -143,8 +155,9 @@ def _plain(layer: OPTLayer) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose OPT layers are plain nn.Linear / nn.Conv1d / nn.Conv2d holding
-    W = R W0 (no R computation at inference; exportable). ``model`` is left untouched."""
+    """A deep copy of ``model`` whose OPT layers are plain nn.Linear / nn.Conv1d / nn.Conv2d /
+    nn.MultiheadAttention holding W = R W0 (no R computation at inference; exportable). ``model`` is left
+    untouched."""
     if isinstance(model, OPTLayer):
         return _plain(model)
     merged = copy.deepcopy(model)
@@ -152,6 +165,10 @@ def merge(model: nn.Module) -> nn.Module:
         grouping = module.__dict__.get("_opt_grouping")
         if isinstance(grouping, Grouping):
             grouping.remove()
+    if isinstance(merged, OPTMultiheadAttention):
+        return merged.merged()
+    for attn in [m for m in merged.modules() if isinstance(m, OPTMultiheadAttention)]:
+        _replace(merged, attn, attn.merged())
     for layer in [m for m in merged.modules() if isinstance(m, OPTLayer)]:
         _replace(merged, layer, _plain(layer))
     return merged
