@@ -5,6 +5,7 @@ shape learns which op and which argument. The C++ kernels (csrc/opt_fast.h) use 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -95,20 +96,42 @@ def gram_schmidt(P: Tensor, block_size: int) -> None:
         fail(op, f"expected block_size >= 0 (0 = automatic), got {block_size}")
 
 
+def _polar_input(op: str, P: Tensor) -> None:
+    float_matrix(op, "P", P)
+    if P.shape[-2] < P.shape[-1]:
+        fail(op, f"expected P [..., m, n] with m >= n (for wide P take the polar factor of P.mT and "
+                 f"transpose it), got shape {_shape(P)}")
+
+
 def lowdin(P: Tensor, iters: int, R0: Optional[Tensor]) -> None:
     op = "lowdin"
-    square(op, "P", P)
+    _polar_input(op, P)
     if iters < 0:
         fail(op, f"expected iters >= 0 (0 = iterate to convergence), got {iters}")
     if R0 is not None:
-        square(op, "R0", R0)
+        float_matrix(op, "R0", R0)
         same_device_dtype(op, "P", P, "R0", R0)
         if R0.shape != P.shape:
             fail(op, f"expected R0 with the shape of P {_shape(P)}, got {_shape(R0)}")
 
 
 def lowdin_svd(P: Tensor) -> None:
-    square("lowdin_svd", "P", P)
+    _polar_input("lowdin_svd", P)
+
+
+APPROX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def orthogonalize_approx(G: Tensor, steps: int) -> None:
+    op = "functional.orthogonalize_approx"
+    if not isinstance(G, Tensor):
+        fail(op, f"expected G to be a Tensor, got {type(G).__name__}")
+    if G.dtype not in APPROX_DTYPES:
+        fail(op, f"expected G to be float16, bfloat16, float32, float64, complex64 or complex128, got {G.dtype}")
+    if G.dim() < 2:
+        fail(op, f"expected G to have at least 2 dimensions [..., m, n], got shape {_shape(G)}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        fail(op, f"expected steps to be an int >= 0, got {steps!r}")
 
 
 def cayley(S: Tensor) -> None:

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from . import _backends, _checks
+from . import _backends, _checks, _triton_glue
 from ._ops import lib
 from .reference import REFERENCE_KERNELS
 
@@ -101,7 +101,8 @@ def _lowdin_backward_fake(grad, P, R):
 @torch.library.register_fake("opt_fast::lowdin_svd", lib=lib)
 def _lowdin_svd_fake(P):
     _checks.lowdin_svd(P)
-    return _empty(P, P.shape), _empty(P, P.shape), _empty(P, P.shape[:-1]), _empty(P, P.shape)
+    n = P.shape[-1]
+    return _empty(P, P.shape), _empty(P, P.shape), _empty(P, P.shape[:-2] + (n,)), _empty(P, P.shape[:-2] + (n, n))
 
 
 @torch.library.register_fake("opt_fast::lowdin_svd_backward", lib=lib)
@@ -213,7 +214,7 @@ def _load_triton():
     force = os.environ.get("OPT_FAST_CUDA_BACKEND", "").lower() == "triton"
     for op, launcher in LAUNCHERS.items():
         if force or not _backends.has_kernel(op, "CUDA"):
-            torch.library.register_kernel(f"opt_fast::{op}", "cuda", launcher, lib=lib)
+            torch.library.register_kernel(f"opt_fast::{op}", "cuda", _triton_glue.cuda_kernel(op, launcher), lib=lib)
             _backends.triton_ops.add(op)
 
 
