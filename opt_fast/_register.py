@@ -5,6 +5,7 @@
 3. autograd formulas whose backward calls ``torch.ops.opt_fast.<op>_backward``, so that a fast backward
    kernel is used whenever one is registered; the backward ops are differentiable too (double backward)
    through the vector-Jacobian product of their reference, which is written in differentiable torch ops;
+   forward-mode AD (a tangent on an input) takes its derivatives from the references too (_forward_ad.py);
 4. the C++ extension ``opt_fast._C`` (CPU, and CUDA when built), unless ``OPT_FAST_DISABLE_EXT=1``;
 5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``).
 """
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from . import _backends, _checks, _triton_glue
+from . import _backends, _checks, _forward_ad, _triton_glue
 from ._ops import lib
 from .reference import REFERENCE_KERNELS
 
@@ -130,7 +131,7 @@ def _register_autograd(op, saved, backward):
     def bw(ctx, grad):
         return backward(grad, *ctx.saved_tensors)
 
-    torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
+    _forward_ad.register_autograd(op, bw, setup_context, lib)
 
 
 _ops = torch.ops.opt_fast
@@ -164,7 +165,7 @@ def _lowdin_svd_bw(ctx, grad, *_):
     return _ops.lowdin_svd_backward(grad, U, S, Vh)
 
 
-torch.library.register_autograd("opt_fast::lowdin_svd", _lowdin_svd_bw, setup_context=_lowdin_svd_setup, lib=lib)
+_forward_ad.register_autograd("lowdin_svd", _lowdin_svd_bw, _lowdin_svd_setup, lib)
 
 
 
@@ -181,7 +182,7 @@ def _register_double_backward(op):
         grads = tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, outs))
         return vjp_fn(grads if isinstance(out, tuple) else grads[0])
 
-    torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
+    _forward_ad.register_autograd(op, bw, setup_context, lib)
 
 
 for _name in REFERENCE_KERNELS:

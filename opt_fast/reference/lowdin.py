@@ -233,7 +233,7 @@ def _iterate(X: Tensor, A: Tensor, iters: int, lo: float, hi: float) -> Tensor:
             if k == iters:
                 return X
         else:
-            err = _orth_error(A)
+            err = _orth_error(A.detach())  # a measurement: no derivative
             finite = torch.isfinite(err)
             # NaN/inf matrices cannot converge: they are left out of the rule (their output stays NaN).
             worst = float(err[finite].max()) if bool(finite.any()) else 0.0
