@@ -244,3 +244,19 @@ def test_compile_fullgraph_multihead_attention():
     out = torch.compile(mha, fullgraph=True, backend=counting_backend)(x, x, x)[0]
     torch.testing.assert_close(out, mha(x, x, x)[0])
     assert len(calls) == 1, calls
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_transformer_encoder_on_cuda():
+    plain = _encoder(True).cuda()
+    model = _quiet(convert, copy.deepcopy(plain), "lowdin", keep_weights=True)
+    x = torch.randn(5, 7, 16, device="cuda")
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, plain(x), rtol=1e-4, atol=1e-4)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(merge(model)(x), model(x), rtol=1e-5, atol=1e-5)

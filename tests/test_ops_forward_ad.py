@@ -258,3 +258,19 @@ def test_jacfwd():
     J = torch.func.jacfwd(lambda P: ops.gram_schmidt(P, 0))(P)
     want = torch.autograd.functional.jacobian(lambda P: ops.gram_schmidt(P, 0), P)
     torch.testing.assert_close(J, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ["householder_product", "householder_orthogonal", "householder_apply", "gram_schmidt",
+                                "lowdin", "cayley"])
+def test_jvp_on_cuda(op):
+    """The CUDA kernels (C++ / Triton) give the value, the float64 reference on the GPU the tangent."""
+    args, diff = op_args(op)
+    tangents = _tangents(args, diff)
+    _, want = _jvp(getattr(ops, op), args, diff, tangents)
+    cuda = lambda xs: tuple(x.cuda().float() if isinstance(x, torch.Tensor) else x for x in xs)  # noqa: E731
+    out, tan = _jvp(getattr(ops, op), cuda(args), diff, cuda(tangents))
+    assert tan.is_cuda and tan.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), getattr(ops, op)(*cuda(args)).cpu(), rtol=0, atol=0)
+    _close(tan.cpu(), want, 1e-4)
