@@ -22,12 +22,13 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def float_matrix(op: str, name: str, t: Tensor) -> None:
-    """t is a (batched) float32/float64 matrix."""
+def float_matrix(op: str, name: str, t: Tensor, dtypes=FLOAT_DTYPES) -> None:
+    """t is a (batched) matrix of one of ``dtypes`` (float32/float64 unless told)."""
     if not isinstance(t, Tensor):
         fail(op, f"expected {name} to be a Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        fail(op, f"expected {name} to be float32 or float64, got {t.dtype}")
+    if t.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        fail(op, f"expected {name} to be {', '.join(names[:-1])} or {names[-1]}, got {t.dtype}")
     if t.dim() < 2:
         fail(op, f"expected {name} to have at least 2 dimensions [..., rows, cols], got shape {_shape(t)}")
 
@@ -124,12 +125,7 @@ APPROX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, to
 
 def orthogonalize_approx(G: Tensor, steps: int) -> None:
     op = "functional.orthogonalize_approx"
-    if not isinstance(G, Tensor):
-        fail(op, f"expected G to be a Tensor, got {type(G).__name__}")
-    if G.dtype not in APPROX_DTYPES:
-        fail(op, f"expected G to be float16, bfloat16, float32, float64, complex64 or complex128, got {G.dtype}")
-    if G.dim() < 2:
-        fail(op, f"expected G to have at least 2 dimensions [..., m, n], got shape {_shape(G)}")
+    float_matrix(op, "G", G, APPROX_DTYPES)
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         fail(op, f"expected steps to be an int >= 0, got {steps!r}")
 

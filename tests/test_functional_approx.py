@@ -85,8 +85,8 @@ def test_empty(shape):
 
 
 @pytest.mark.parametrize("G,steps,match", [
-    (torch.tensor(1.0), 5, r"expected G to have at least 2 dimensions \[\.\.\., m, n\], got shape \[\]"),
-    (torch.ones(4), 5, r"expected G to have at least 2 dimensions \[\.\.\., m, n\], got shape \[4\]"),
+    (torch.tensor(1.0), 5, r"expected G to have at least 2 dimensions \[\.\.\., rows, cols\], got shape \[\]"),
+    (torch.ones(4), 5, r"expected G to have at least 2 dimensions \[\.\.\., rows, cols\], got shape \[4\]"),
     (torch.ones(3, 3, dtype=torch.int64), 5, r"expected G to be float16, bfloat16, float32, float64, complex64 or "
                                               r"complex128, got torch\.int64"),
     (torch.ones(3, 3, dtype=torch.bool), 5, r"expected G to be float16, .*, got torch\.bool"),
