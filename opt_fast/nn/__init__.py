@@ -12,5 +12,5 @@ from .methods import INITS, METHODS
 from .regularization import orth_reg_loss
 from .stochastic import resample
 
-__all__ = ["OPTLayer", "OPTLinear", "OPTConv1d", "OPTConv2d", "OPTMultiheadAttention", "convert", "merge", "group_layers", "ungroup",
-           "Grouping", "LayerGroup", "resample", "orth_reg_loss", "METHODS", "INITS"]
+__all__ = ["OPTLayer", "OPTLinear", "OPTConv1d", "OPTConv2d", "OPTMultiheadAttention", "convert", "merge",
+           "group_layers", "ungroup", "Grouping", "LayerGroup", "resample", "orth_reg_loss", "METHODS", "INITS"]

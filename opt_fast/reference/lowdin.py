@@ -88,11 +88,12 @@ leaves 4.9 t_bmm, of which R0ᵀP and the final product take 2. What was tried:
 Certified reuse. R0 is returned (after Newton–Schulz polishing if needed, normally zero steps) only
 if its backward residual ||skew(R0ᵀP)||_F <= 10 eps ||P||_F, ||R0ᵀR0 - I||_F / sqrt(d) <= 1e-3 and
 sym(R0ᵀP) is positive definite (one Cholesky factorisation, only once the residual passed: without it
-R0 = -R was accepted); otherwise the cold iteration runs. Square P only: tall P always starts cold. Calibration (float32, d = 576 / 1024, in eps ||P||_F): SVD's
-U @ Vh 6.5-7.8, this module's cold output 8.9-9.3 (7.8-8.3 at d = 128-256); the exact polar factor
-of P moved by 1e-6 / 1.5e-6 / 2e-6: 6.1 / 9.0 / 12, with errors 0.76-1.15x / 1.15-1.8x / 1.5-1.8x the
-SVD route's, so an accepted R0 stays within ~1.8x of it (the accuracy rule allows 2x). In float64 the
-cold output's residual grows like sqrt(d) (18-37 at d = 256-1024) and is not accepted there.
+R0 = -R was accepted); otherwise the cold iteration runs. Square P only: tall P always starts cold.
+Calibration (float32, d = 576 / 1024, in eps ||P||_F): SVD's U @ Vh 6.5-7.8, this module's cold
+output 8.9-9.3 (7.8-8.3 at d = 128-256); the exact polar factor of P moved by 1e-6 / 1.5e-6 / 2e-6:
+6.1 / 9.0 / 12, with errors 0.76-1.15x / 1.15-1.8x / 1.5-1.8x the SVD route's, so an accepted R0
+stays within ~1.8x of it (the accuracy rule allows 2x). In float64 the cold output's residual grows
+like sqrt(d) (18-37 at d = 256-1024) and is not accepted there.
 Cost: one matmul (R0ᵀP) when R0 is stale (~3% of a cold solve); when P is unchanged (e.g. in
 evaluation) 2 matmuls: 0.031 s against 0.22 s for the SVD route and 0.47 s cold (batch 5 x 576
 float32; 1 thread: 0.075-0.14 s against 0.48-0.91 s and 1.1-1.8 s), plus the positivity check's
