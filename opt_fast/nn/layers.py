@@ -22,13 +22,14 @@ class OPTLayer(nn.Module):
     OPT options (keyword-only on the concrete layers):
       method: "cayley", "gram_schmidt" (default), "householder", "householder_qr", "lowdin", "ogd",
         "orth_reg" or "none" (see docs/methods.md).
-      init: "reference" (the released code's init, default) or "identity" (R = I; alias "zero").
+      init: None / "default" (the released code's init, except orth_reg: a random orthogonal R),
+        "reference" (the released code's init) or "identity" (R = I; alias "zero").
       stochastic: fraction of the fan-in rotated by stochastic OPT (None = full OPT); sample:
         "coordinate" or "channel". num_reflectors: k for "householder" (default d).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, ...], bias: bool,
-                 method, init: str, stochastic: Optional[float], sample: str,
+                 method, init: Optional[str], stochastic: Optional[float], sample: str,
                  num_reflectors: Optional[int], device, dtype):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -186,7 +187,7 @@ class OPTLinear(OPTLayer):
     """nn.Linear's signature plus the OPT options; y = x Vᵀ + b with V = W0 Rᵀ ([out, in])."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, method="gram_schmidt", *,
-                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 init: Optional[str] = None, stochastic: Optional[float] = None, sample: str = "coordinate",
                  num_reflectors: Optional[int] = None, device=None, dtype=None):
         super().__init__(in_features, out_features, (), bias,
                          **_method_kwargs(method, init, stochastic, sample, num_reflectors, device, dtype))
@@ -235,7 +236,7 @@ class OPTConv1d(_OPTConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", method="gram_schmidt", *,
-                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 init: Optional[str] = None, stochastic: Optional[float] = None, sample: str = "coordinate",
                  num_reflectors: Optional[int] = None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, method, init, stochastic, sample, num_reflectors, device, dtype)
@@ -246,7 +247,7 @@ class OPTConv2d(_OPTConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", method="gram_schmidt", *,
-                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 init: Optional[str] = None, stochastic: Optional[float] = None, sample: str = "coordinate",
                  num_reflectors: Optional[int] = None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, method, init, stochastic, sample, num_reflectors, device, dtype)
