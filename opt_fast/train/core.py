@@ -23,6 +23,7 @@ from opt_fast.nn import METHODS, OPTLayer, convert, merge, resample
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import diagnostics
+from .distributed import Dist
 from . import models as models_mod
 from . import recipes
 
@@ -134,20 +135,6 @@ def layer_energies(model: nn.Module):
             for n, m in opt_layers(model)}
 
 
-@torch.no_grad()
-def orthogonality_error(model: nn.Module) -> Optional[float]:
-    """max over the OPT layers of ‖R Rᵀ − I‖_F / √d in float64 (None for ``none``): how far R is from
-    orthogonal, ~1e-7 for the exact maps, the penalty's doing for orth_reg."""
-    errs = []
-    for _, m in opt_layers(model):
-        if m.method.name == "none":
-            continue
-        R = m.rotation().double()
-        errs.append(float(torch.linalg.matrix_norm(R @ R.mT - torch.eye(R.shape[-1], dtype=R.dtype, device=R.device))
-                          / R.shape[-1] ** 0.5))
-    return max(errs) if errs else None
-
-
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -156,44 +143,6 @@ def set_rng_state(state):
 
 def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-class _Dist:
-    def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.enabled = self.world > 1
-        self.own_group = False
-        if self.enabled:
-            import torch.distributed as dist
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-                self.own_group = True
-
-    def all_sum(self, values: List[float], device) -> List[float]:
-        if not self.enabled:
-            return values
-        import torch.distributed as dist
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def average_bn_stats(self, model: nn.Module):
-        """Average the BatchNorm running statistics over the ranks (each rank normalised its own shard),
-        so every replica evaluates and checkpoints the same model."""
-        if not self.enabled:
-            return
-        import torch.distributed as dist
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                for b in (m.running_mean, m.running_var):
-                    dist.all_reduce(b)
-                    b.div_(self.world)
-
-    def close(self):
-        if self.own_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
 
 
 def _progress(i, n, t0, loss, enabled):
@@ -252,7 +201,7 @@ def build_optimizers(cfg: TrainConfig, model: nn.Module, steps_total: int):
     return opts, scheds
 
 
-def _batches(n: int, batch: int, epoch: int, dist: _Dist, seed: int):
+def _batches(n: int, batch: int, epoch: int, dist: Dist, seed: int):
     """Per-rank index batches of one epoch; the order depends only on (seed, epoch) (DistributedSampler
     semantics: generator seeded with seed + epoch); the last partial global batch is dropped (§1.5)."""
     sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=dist.world, rank=dist.rank,
@@ -299,14 +248,14 @@ def train(cfg: TrainConfig, return_model: bool = False):
         # Small OPT models gain nothing from intra-op threads, and on a shared/loaded CPU spinning OpenMP
         # threads made a digits step 30x slower (3 s vs 0.09 s measured); --threads N overrides.
         torch.set_num_threads(1)
-    dist = _Dist(cfg.device)
+    dist = Dist(cfg.device)
     try:
         return _train(cfg, dist, return_model)
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: _Dist, return_model: bool):
+def _train(cfg: TrainConfig, dist: Dist, return_model: bool):
     device = torch.device(cfg.device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -428,7 +377,7 @@ def _train(cfg: TrainConfig, dist: _Dist, return_model: bool):
                "final_test_acc": history[-1]["test_acc"] if history else None,
                "best_test_acc": max(h["test_acc"] for h in history) if history else None,
                "max_energy_drift": {n: max(h["energy_drift"][n] for h in history) for n in energy0} if history else {},
-               "orthogonality_error": orthogonality_error(model), "warnings": [warning] if warning else []}
+               "orthogonality_error": diagnostics.orthogonality_error(model), "warnings": [warning] if warning else []}
     if main and out:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)

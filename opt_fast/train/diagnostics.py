@@ -1,12 +1,15 @@
 """Checks of opt_fast.train that speak before or after a run: the training extras are installed (checked
 at start, not when the plots are drawn after training), and a large train/test accuracy gap at the end
-is explained (BatchNorm running statistics that lag behind, or overfitting)."""
+is explained (BatchNorm running statistics that lag behind, or overfitting); how far each layer's R is from
+orthogonal at the end."""
 import contextlib
 import importlib
 from typing import List, Optional
 
 import torch
 from torch import nn
+
+from opt_fast.nn import OPTLayer
 
 EXTRAS_HINT = "pip install 'opt-fast[train]'"
 # train - test accuracy (fractions) from which the end of a run is diagnosed / always reported
@@ -83,3 +86,17 @@ def gap_warning(model: nn.Module, cfg, history, steps: int, evaluate, *eval_args
                 f"BatchNorm running statistics are not the cause). More data or augmentation, more weight "
                 f"decay or fewer epochs narrow it.")
     return None
+
+
+@torch.no_grad()
+def orthogonality_error(model: nn.Module) -> Optional[float]:
+    """max over the OPT layers of ‖R Rᵀ − I‖_F / √d in float64 (None for ``none``): how far R is from
+    orthogonal, ~1e-7 for the exact maps, the penalty's doing for orth_reg."""
+    errs = []
+    for m in model.modules():
+        if not isinstance(m, OPTLayer) or m.method.name == "none":
+            continue
+        R = m.rotation().double()
+        errs.append(float(torch.linalg.matrix_norm(R @ R.mT - torch.eye(R.shape[-1], dtype=R.dtype, device=R.device))
+                          / R.shape[-1] ** 0.5))
+    return max(errs) if errs else None
