@@ -97,6 +97,6 @@ def cayley(S: Tensor) -> Tensor:
 
 
 def skew(P: Tensor) -> Tensor:
-    """The skew matrix OPT-CP builds from its parameter: triu(P) - triu(P)ᵀ (opt_spec.md §2.1)."""
+    """The skew matrix OPT-CP builds from its parameter: triu(P) - triu(P)ᵀ (docs/methods.md#cayley)."""
     U = P.triu()
     return U - U.mT

@@ -1,4 +1,4 @@
-"""CayleySGD (opt_spec.md §2.5) and the orth_reg penalty and inits (§2.6)."""
+"""CayleySGD (docs/methods.md#ogd) and the orth_reg penalty and inits (docs/methods.md#orth_reg)."""
 import pytest
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ def orth_err(R):
 
 
 def _spec_step(X, G, M, lr):
-    """opt_spec §2.5 steps 1-5, written out literally."""
+    """The update of docs/methods.md#ogd, written out literally."""
     M = 0.9 * M - G
     A = M @ X.T - 0.5 * X @ (X.T @ M @ X.T)
     Omega = A - A.T

@@ -1,7 +1,7 @@
 """OPT layers: frozen random neurons W0 (a buffer) rotated by a learned orthogonal R on the fan-in.
 
 In PyTorch weight layout W0 is [out, in, *k]; flattened to V0 [n, d] (rows = neurons, d = fan-in) the
-layer uses V = V0 Rᵀ, i.e. every neuron w_j becomes R w_j (opt_spec.md §0). R comes from the layer's
+layer uses V = V0 Rᵀ, i.e. every neuron w_j becomes R w_j (docs/methods.md). R comes from the layer's
 method (methods.py); layers of one model that share a method and shape are batched by group.py.
 """
 import math
@@ -39,7 +39,7 @@ class OPTLayer(nn.Module):
         self.fan_in = d = in_channels * math.prod(kernel_size)
         self.stochastic, self.sample = stochastic, sample
 
-        # W0 ~ N(0, 2/d), He-normal on the fan-in and not normalised, as released (opt_spec §1.2).
+        # W0 ~ N(0, 2/d), He-normal on the fan-in and not normalised, as released (docs/methods.md).
         W0 = torch.empty((out_channels, in_channels) + tuple(kernel_size), **factory)
         self.register_buffer("W0", W0.normal_(0.0, math.sqrt(2.0 / d)))
 
@@ -50,7 +50,7 @@ class OPTLayer(nn.Module):
                                  f"R = I; {self.method.name!r} is not one of {ok}")
             idx = _stoch.sample_indices(d, in_channels, stochastic, sample, device=W0.device)
             self.register_buffer("idx", idx)
-            shape, init = (idx.numel(),) * 2, "identity"  # S-OPT starts every P_s at I (opt_spec §2.7)
+            shape, init = (idx.numel(),) * 2, "identity"  # S-OPT starts every P_s at I (docs/methods.md)
         else:
             shape, init = self.method.shape(d, out_channels, num_reflectors), self.init_mode
         P = self.method.init(shape, init, **factory)

@@ -51,7 +51,7 @@ class Method:
         return (d, d)
 
     def init(self, shape, init: str, dtype, device) -> Tensor:
-        # The released code draws every P (cp, gs, hr, ls, or) i.i.d. N(0, 1) (opt_spec.md §2).
+        # The released code draws every P (cp, gs, hr, ls, or) i.i.d. N(0, 1) (docs/methods.md).
         if init in ("default", "reference"):
             return torch.randn(shape, dtype=dtype, device=device)
         return _eye(shape, dtype, device)
@@ -71,7 +71,7 @@ class Method:
 
 
 class Cayley(Method):
-    """R = cayley(S), S = triu(P) - triu(P)ᵀ (opt_spec §2.1: exact transform, no 1/2 on S; the strictly
+    """R = cayley(S), S = triu(P) - triu(P)ᵀ (docs/methods.md#cayley: exact transform, no 1/2 on S; the strictly
     lower triangle of P is unused). Identity init is P = 0."""
     name = "cayley"
 
@@ -86,7 +86,7 @@ class Cayley(Method):
 
 
 class GramSchmidt(Method):
-    """R = Gram-Schmidt of the ROWS of P (opt_spec §2.2) = transpose of the op's column Q."""
+    """R = Gram-Schmidt of the ROWS of P (docs/methods.md#gram_schmidt) = transpose of the op's column Q."""
     name = "gram_schmidt"
 
     def rotation(self, P, R0=None):
@@ -94,7 +94,7 @@ class GramSchmidt(Method):
 
 
 class HouseholderQR(Method):
-    """The released "HR" code: Q of a Householder QR of P with d-1 reflectors (opt_spec §2.3). That is
+    """The released "HR" code: Q of a Householder QR of P with d-1 reflectors (docs/methods.md#householder_qr). That is
     Q of P = QR' with diag(R') > 0 on the first d-1 columns and the last column's sign set so that
     det R = (-1)^(d-1). Identity init gives I only for odd d (for even d, diag(1, ..., 1, -1))."""
     name = "householder_qr"
@@ -145,7 +145,7 @@ class Householder(Method):
 
 
 class Lowdin(Method):
-    """R = polar factor of P (opt_spec §2.4), warm-started from the previous step's R (a non-persistent
+    """R = polar factor of P (docs/methods.md#lowdin), warm-started from the previous step's R (a non-persistent
     buffer of the layer). The op iterates to float-grade orthogonality; the warm start changes its cost,
     not its result."""
     name = "lowdin"
@@ -157,7 +157,7 @@ class Lowdin(Method):
 
 class OGD(Method):
     """R itself is the parameter (identity init in every mode), kept orthogonal by
-    opt_fast.optim.CayleySGD (opt_spec §2.5). No weight decay on R."""
+    opt_fast.optim.CayleySGD (docs/methods.md#ogd). No weight decay on R."""
     name = "ogd"
     param_name = "R"
     uses_op = False
