@@ -3,7 +3,7 @@
 A ``Case`` is (op, impl, shape, dtype, mode) with mode "fwd" (under ``torch.no_grad``) or "fwd+bwd" (the
 forward plus ``torch.autograd.grad`` of it against a fixed random cotangent). ``prepare`` turns a case into
 the callable that is timed; ``describe`` gives the numbers stored beside each time: algorithmic FLOPs
-(perf_targets §2, the same count for every implementation of an op), accuracy in float64, the kernel name.
+(docs/performance.md, the same count for every implementation of an op), accuracy in float64, the kernel name.
 """
 import functools
 import math
@@ -21,7 +21,7 @@ from .shapes import Shape, shape_sets
 
 MODES = ("fwd", "fwd+bwd")
 OPS = ("householder_product", "householder_orthogonal", "householder_apply", "gram_schmidt", "lowdin", "cayley")
-# Accuracy gate for "the best torch built-in": ‖RᵀR − I‖_F/√d (design.md, precision rule)
+# Accuracy gate for "the best torch built-in": ‖RᵀR − I‖_F/√d (docs/performance.md, the orthogonality gate)
 GATE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
@@ -86,7 +86,7 @@ SHAPE_SETS = {
 }
 
 
-# ---- FLOPs (perf_targets §2: algorithmic counts, per matrix; fwd+bwd = fwd + bwd) ---------------------
+# ---- FLOPs (docs/performance.md: algorithmic counts, per matrix; fwd+bwd = fwd + bwd) ---------------------
 
 def flops(op: str, shape: Shape) -> Tuple[float, float]:
     """(forward, backward) algorithmic FLOPs for the whole batch."""

@@ -1,4 +1,4 @@
-"""The implementations each op is timed against (perf_targets.md §3.3), one list per op.
+"""The implementations each op is timed against (docs/performance.md), one list per op.
 
 An ``Impl.setup(x, grad)`` gets the case's inputs ``x`` (a dict of tensors; the op's differentiable inputs
 already have ``requires_grad=grad``) and returns ``(forward, leaves)``: a zero-argument callable returning the
@@ -270,7 +270,7 @@ GRAM_SCHMIDT = _common("gram_schmidt", "P") + [
     Impl("torch.geqrf + householder_product", "torch", fn_setup(geqrf_orgqr, "P"), baseline=True,
          backward=False, note="geqrf has no autograd"),
     Impl("CholQR2 (torch)", "torch", fn_setup(cholqr2, "P"), baseline=True,
-         note="unstable for κ(P)² u ≳ 1 (perf_targets §1.6); judged by the accuracy gate"),
+         note="unstable for κ(P)² u ≳ 1 (docs/performance.md); judged by the accuracy gate"),
     Impl("CholQR2, fp64 Gram/Cholesky (torch)", "torch", fn_setup(cholqr2_fp64, "P"), baseline=True),
 ]
 

@@ -2,7 +2,7 @@
 step and a whole network's R computation, and write JSON, markdown and PNG plots.
 
     python bench/report.py                      # default sizes: ~3 min on a 2-core CPU
-    python bench/report.py --full --device cuda # the whole sweep of perf_targets §3.2
+    python bench/report.py --full --device cuda # the whole sweep of docs/performance.md
     python bench/report.py --out DIR            # where results go (default bench/results)
 
 It does not go through pytest: it has its own timing loop (bench/timers.py: warm-up, then the median over
@@ -39,13 +39,13 @@ BUDGETS = {
                  total_s=None, train_s=None, layers_s=None, train_steps=5, layer_steps=5,
                  target_s=10.0, targets_s=None),
 }
-CUDA_MIN_ROUNDS = 50   # perf_targets §3.1: median of ≥ 50 runs on a GPU
+CUDA_MIN_ROUNDS = 50   # docs/performance.md: median of ≥ 50 runs on a GPU
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true", help="the whole sweep of perf_targets §3.2 (meant for a GPU)")
+    p.add_argument("--full", action="store_true", help="the whole sweep of docs/performance.md (meant for a GPU)")
     p.add_argument("--size", choices=SIZES, help="shape set (overrides --full): smoke, default or full")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),

@@ -1,9 +1,9 @@
-"""Benchmark shapes (perf_targets.md §3.2), in three sizes.
+"""Benchmark shapes (docs/performance.md), in three sizes.
 
 * ``smoke``   tiny shapes: ``pytest bench --benchmark-disable`` (the CI smoke test) runs each case once.
 * ``default`` small shapes that finish in minutes on a 2-core CPU: a plain ``pytest bench`` and
               ``python bench/report.py``.
-* ``full``    the whole sweep of perf_targets §3.2 (``report.py --full``; meant for a GPU).
+* ``full``    the whole sweep of docs/performance.md (``report.py --full``; meant for a GPU).
 
 d = fan-in (9·C_in for a 3×3 conv), b = number of same-d matrices in one batched call, k = number of
 Householder reflectors (default d), n = columns of X for ``householder_apply`` (C_out), ``norm`` = target
@@ -115,7 +115,7 @@ def _full() -> Dict[str, List[Tuple[Shape, Tuple]]]:
             seen.add((shape.d, shape.b))
             sq.append((shape, dtypes))
 
-    # 0: the OPT reference nets (opt_spec §1.1): 64-wide CNN-6 and the CP net, one batched call per d-group
+    # 0: the OPT reference nets (docs/training.md): 64-wide CNN-6 and the CP net, one batched call per d-group
     for d, b in ((27, 1), (576, 5), (1024, 1)):
         add(Shape(d, b, "CNN-6 (64-wide) d-group", prio=0), (F32, F64) if b == 1 and d <= 1024 else (F32,))
     for d, b in ((288, 2), (576, 2), (1152, 1), (2048, 1)):
