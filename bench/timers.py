@@ -50,7 +50,7 @@ class Budget:
     max_rounds: int = 50
     min_round_s: float = 1e-3   # calls per round are raised until a round takes at least this long
     max_case_s: float = 10.0    # cap on timed work per case: slow calls get fewer rounds (at least 1)
-    slow_call_s: float = 5.0    # a call slower than this is timed once, not repeated
+    slow_call_s: float = 5.0    # a call slower than this is timed once (after the warm-up call), not repeated
 
 
 class _Clock:
@@ -82,13 +82,13 @@ def _quantile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def measure(fn: Callable, device="cpu", budget: Optional[Budget] = None, compiled: bool = False) -> Timing:
-    """``compiled``: the first call compiles, so it is never used as the measurement."""
+def measure(fn: Callable, device="cpu", budget: Optional[Budget] = None) -> Timing:
+    """The warm-up call (compile, JIT, lazy inits) is never the measurement."""
     budget = budget or Budget()
     clock = _Clock(device)
     sync(device)
-    first = clock.time(fn, 1)                          # warm-up: compile, JIT, allocator
-    one = clock.time(fn, 1) if (compiled or first < budget.slow_call_s) else first
+    first = clock.time(fn, 1)                          # warm-up: compile, JIT, allocator, lazy inits
+    one = clock.time(fn, 1)                            # never the warm-up: it can be 100x slower in a fresh process
     if one >= budget.slow_call_s:
         return Timing(one, one, one, one, 1, 1, first)
     if one < 0.05:   # size the rounds from the fastest of three calls: one call may have been preempted
