@@ -93,37 +93,36 @@ def own_leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
     return t.detach().clone().requires_grad_(grad)
 
 
+def _constrained_weight(X: torch.Tensor, register: Callable[[nn.Module], None], grad: bool):
+    """A module whose [b, d, d] ``weight`` is constrained by ``register``, its unconstrained parameter set to X;
+    times ``module.weight`` (the map runs on every access, as in a training step)."""
+    mod = nn.Module()
+    mod.weight = nn.Parameter(X.detach().clone())
+    register(mod)
+    orig = mod.parametrizations.weight.original
+    with torch.no_grad():
+        orig.copy_(X)
+    orig.requires_grad_(grad)
+    return (lambda: mod.weight), ([orig] if grad else [])
+
+
 def parametrization_setup(orth_map: str, source: str = "P", diag_one: bool = False):
-    """torch.nn.utils.parametrizations.orthogonal on a [b, d, d] parameter; times ``module.weight``."""
+    """torch.nn.utils.parametrizations.orthogonal(orthogonal_map=..., use_trivialization=False)."""
     def setup(x, grad):
         from torch.nn.utils import parametrizations
         X = x[source].detach().clone()
         if diag_one:   # the householder map multiplies by diag(X).int(): ±1 there gives an orthogonal Q
             X.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-        mod = nn.Module()
-        mod.weight = nn.Parameter(X.clone())
-        parametrizations.orthogonal(mod, "weight", orthogonal_map=orth_map, use_trivialization=False)
-        orig = mod.parametrizations.weight.original
-        with torch.no_grad():
-            orig.copy_(X)
-        orig.requires_grad_(grad)
-        return (lambda: mod.weight), ([orig] if grad else [])
+        return _constrained_weight(X, lambda m: parametrizations.orthogonal(
+            m, "weight", orthogonal_map=orth_map, use_trivialization=False), grad)
     return setup
 
 
 def geotorch_setup(triv: str = "cayley"):
-    """``geotorch.orthogonal(module, "weight", triv=...)`` on a [b, d, d] weight; times ``module.weight``."""
+    """``geotorch.orthogonal(module, "weight", triv=...)``."""
     def setup(x, grad):
         import geotorch
-        P = x["P"]
-        mod = nn.Module()
-        mod.weight = nn.Parameter(torch.empty_like(P))
-        geotorch.orthogonal(mod, "weight", triv=triv)
-        orig = mod.parametrizations.weight.original
-        with torch.no_grad():
-            orig.copy_(P)
-        orig.requires_grad_(grad)
-        return (lambda: mod.weight), ([orig] if grad else [])
+        return _constrained_weight(x["P"], lambda m: geotorch.orthogonal(m, "weight", triv=triv), grad)
     return setup
 
 

@@ -38,7 +38,7 @@ BUDGETS = {
     "smoke": dict(case=Budget(case_s=0.02, min_rounds=2, max_rounds=5), total_s=None, train_s=None,
                   layers_s=None, train_steps=1, layer_steps=1, target_s=0.0, targets_s=0.0),
     "default": dict(case=Budget(case_s=0.08, min_rounds=5, max_rounds=30, max_case_s=1.0, slow_call_s=2.0),
-                    total_s=330.0, train_s=75.0, layers_s=15.0, train_steps=5, layer_steps=2,
+                    total_s=300.0, train_s=75.0, layers_s=15.0, train_steps=5, layer_steps=2,
                     target_s=2.0, targets_s=40.0),
     "full": dict(case=Budget(case_s=0.2, min_rounds=10, max_rounds=100, max_case_s=3.0, slow_call_s=10.0),
                  total_s=None, train_s=None, layers_s=None, train_steps=5, layer_steps=5,
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--headline-only", action="store_true", help="the headline alone (no block layers, end to "
                    "end, targets or other cases)")
     p.add_argument("--budget", type=float, help="wall-time cap in seconds for the cases after the headline "
-                   "(those left when it runs out are marked skipped); default: none, or 5.5 min for the "
+                   "(those left when it runs out are marked skipped); default: none, or 5 min for the "
                    "default size. The headline is never cut")
     p.add_argument("--threads", type=int, help="torch.set_num_threads. Default on CPU: torch's choice, or 1 "
                    "when the load average is at least the number of cores (a busy shared machine: torch's "

@@ -1,7 +1,8 @@
 """The report's timing loop over ``bench.cases`` (no pytest): one record (a dict) per case.
 
-Cases sharing inputs (op, shape, dtype) run together: inputs are made once, the torch.bmm yardstick runs
-first, and afterwards every record of the group gets ``t_bmm_s``, ``ratio_bmm``, the best torch built-in and
+Cases sharing inputs (op, shape, dtype) run together: inputs are made once, the implementations of each
+mode are timed against each other (interleaved rounds: a change of load on a shared machine hits them
+alike), and afterwards every record of the group gets ``t_bmm_s``, ``ratio_bmm``, the best torch built-in and
 the best peer that meet the accuracy gate (``cases.meets_gate``) and the speed-ups over them. Cases measured
 earlier in the run (the headline's, ``done``) are not timed again: their records join their groups.
 """
@@ -12,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import cases as C
-from .timers import Budget, flushed_l2_time, measure, peak_memory_bytes
+from .timers import Budget, flushed_l2_time, measure_interleaved, peak_memory_bytes
 
 
 def _err(e: BaseException) -> str:
@@ -24,21 +25,24 @@ def _finite(v: Optional[float]):
     return v if v is None or math.isfinite(v) else str(v)   # JSON-safe: "nan" / "inf" as strings
 
 
-def run_case(case: C.Case, x, device, budget: Budget, ref: Callable[[], Optional[torch.Tensor]]) -> Dict:
+def _prepare(case: C.Case, x, device):
+    """The case's Prepared, or the status saying why it cannot run."""
     try:
-        prepared = C.prepare(case, x, device)
+        return C.prepare(case, x, device)
     except C.Unavailable as e:
-        return {"status": "not installed" if str(e) == "not installed" else f"n/a: {e}"}
+        return "not installed" if str(e) == "not installed" else f"n/a: {e}"
     except Exception as e:
-        return {"status": f"error: {_err(e)}"}
-    try:
-        t = measure(prepared.run, device, budget)
-    except NotImplementedError as e:
-        return {"status": f"not implemented: {_err(e)}"}
-    except Exception as e:
+        return f"error: {_err(e)}"
+
+
+def _record(case: C.Case, prepared: C.Prepared, t, x, device, ref: Callable[[], Optional[torch.Tensor]]) -> Dict:
+    """The measured record (time, accuracy, error against the float64 reference), or its failure."""
+    if isinstance(t, NotImplementedError):
+        return {"status": f"not implemented: {_err(t)}"}
+    if isinstance(t, Exception):
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-        return {"status": f"error: {_err(e)}"}
+        return {"status": f"error: {_err(t)}"}
     rec = {"status": "ok", "t_s": t.median_s, "t_p20_s": t.p20_s, "t_p80_s": t.p80_s, "t_min_s": t.min_s,
            "rounds": t.rounds, "iters": t.iters, "first_call_s": t.first_call_s}
     out = prepared.output
@@ -51,6 +55,20 @@ def run_case(case: C.Case, x, device, budget: Budget, ref: Callable[[], Optional
         rec["t_flushed_s"] = flushed_l2_time(prepared.run, device)
         rec["peak_mem_bytes"] = peak_memory_bytes(prepared.run, device)
     return rec
+
+
+def run_group_mode(cases: List[C.Case], recs: List[Dict], x, device, budget: Budget, ref) -> None:
+    """The cases of one input group and mode, timed against each other (``measure_interleaved``)."""
+    ready = []
+    for case, rec in zip(cases, recs):
+        p = _prepare(case, x, device)
+        if isinstance(p, str):
+            rec["status"] = p
+        else:
+            ready.append((case, rec, p))
+    timings = measure_interleaved([p.run for _, _, p in ready], device, budget)
+    for (case, rec, p), t in zip(ready, timings):
+        rec.update(_record(case, p, t, x, device, ref))
 
 
 def best_of(recs: List[Dict]):
@@ -103,8 +121,8 @@ def run_cases(case_list: List[C.Case], device, budget: Budget, progress=None,
     done = done or {}
     for (op, _, dtype), group in C.iter_groups(case_list):
         recs = [dict(done[c.id]) if c.id in done else C.describe(c, device) for c in group]
-        todo = [c for c in group if c.id not in done]
-        over = not todo or (deadline is not None and time.perf_counter() > deadline)
+        pending = [c for c in group if c.id not in done]
+        over = not pending or (deadline is not None and time.perf_counter() > deadline)
         x = None
         if not over:
             try:
@@ -123,17 +141,16 @@ def run_cases(case_list: List[C.Case], device, budget: Budget, progress=None,
                     cache["r"] = None
             return cache["r"]
 
-        for case, rec in zip(group, recs):
-            if case.id in done:
-                continue
-            if progress is not None:
-                progress.step(f"{case.op} {case.mode} {case.shape.label} {case.impl.name}")
-            if "status" in rec:
-                continue
+        for mode in C.MODES:
+            mine = [(c, r) for c, r in zip(group, recs) if c.mode == mode and c.id not in done]
+            todo = [(c, r) for c, r in mine if "status" not in r]
             if x is None or (deadline is not None and time.perf_counter() > deadline):
-                rec["status"] = "skipped: time budget"
-                continue
-            rec.update(run_case(case, x, device, budget, ref))
+                for _, r in todo:
+                    r["status"] = "skipped: time budget"
+            elif todo:
+                run_group_mode([c for c, _ in todo], [r for _, r in todo], x, device, budget, ref)
+            if progress is not None and mine:
+                progress.step(f"{op} {mode} {group[0].shape.label}", n=len(mine))
         _derive(recs)
         records.extend(recs)
         del x, cache, ref
