@@ -37,7 +37,8 @@ from bench.timers import Budget  # noqa: E402
 BUDGETS = {
     "smoke": dict(case=Budget(case_s=0.02, min_rounds=2, max_rounds=5), total_s=None, train_s=None,
                   layers_s=None, train_steps=1, layer_steps=1, target_s=0.0, targets_s=0.0),
-    "default": dict(case=Budget(case_s=0.08, min_rounds=5, max_rounds=30, max_case_s=1.0, slow_call_s=2.0),
+    "default": dict(case=Budget(case_s=0.08, min_rounds=5, max_rounds=30, min_round_s=0.01, max_case_s=1.0,
+                                slow_call_s=2.0),
                     total_s=300.0, train_s=75.0, layers_s=15.0, train_steps=5, layer_steps=2,
                     target_s=2.0, targets_s=40.0),
     "full": dict(case=Budget(case_s=0.2, min_rounds=10, max_rounds=100, max_case_s=3.0, slow_call_s=10.0),
