@@ -8,19 +8,19 @@ input rotation by blocks, Cayley–Neumann and exact), and opt_fast's block laye
 hook where the block-orthogonal layers (issue 14, ``opt_fast.nn.OPTBlockLinear``) join: ``OURS`` lists the
 configurations; in a build without the class their rows say so.
 """
-import statistics
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from . import peers as PE
-from .timers import sync
+from .timers import Budget, measure_interleaved
 
 # (in = out features, tokens, block size) per size: a 1024-wide projection at 4 × 256 tokens
 SHAPES = {"smoke": [(64, 16, 8)], "default": [(1024, 1024, 32)], "full": [(1024, 1024, 32), (4096, 2048, 256)]}
-ROUNDS = {"smoke": 1, "default": 5, "full": 10}
+BUDGET = {"smoke": Budget(case_s=0.0, min_rounds=1, max_rounds=1),
+          "default": Budget(case_s=1.0, min_rounds=5, max_rounds=10, min_round_s=0.02, max_case_s=2.0),
+          "full": Budget(case_s=2.0, min_rounds=10, max_rounds=30, min_round_s=0.02, max_case_s=5.0)}
 
 
 def _linear(d, block, device):
@@ -59,10 +59,13 @@ def _ours_missing() -> Optional[str]:
 # ---- end of hook ----------------------------------------------------------------------------------------
 
 
+LINEAR = "nn.Linear (W trainable)"
+
+
 def layers() -> List[tuple]:
     """(name, builder, why it cannot run or None)."""
     peft = None if PE.module_found("peft") else "peft not installed"
-    out = [("nn.Linear (W trainable)", _linear, None),
+    out = [(LINEAR, _linear, None),
            (f"PEFT OFT, Cayley–Neumann n={PE.PEFT_NEUMANN_TERMS}", _peft(True), peft),
            ("PEFT OFT, exact Cayley", _peft(False), peft)]
     missing = _ours_missing()
@@ -80,34 +83,26 @@ def block_layer_times(size: str, device, progress: Optional[Callable[[str], None
     for d, tokens, block in SHAPES[size]:
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(tokens, d, generator=gen, device=device)
-        runs: Dict[str, Callable] = {}
-        recs = []
+        ready = []
         for name, build, why in layers():
             if progress:
                 progress(f"block layers {name[:40]}")
             rec = {"layer": name, "d": d, "tokens": tokens, "block": block, "status": why or "ok"}
-            recs.append(rec)
+            out.append(rec)
             if why is None:
                 try:
-                    runs[name] = PE.layer_fwd_bwd(build(d, block, device), x)
-                    runs[name]()   # warm-up
+                    ready.append((rec, PE.layer_fwd_bwd(build(d, block, device), x)))
                 except Exception as e:
                     rec["status"] = _err(e)
-                    runs.pop(name, None)
-        samples: Dict[str, List[float]] = {n: [] for n in runs}
-        for _ in range(ROUNDS[size]):
-            for name, fn in runs.items():
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                samples[name].append(time.perf_counter() - t0)
-        base = statistics.median(samples[layers()[0][0]]) if samples.get(layers()[0][0]) else None
-        for rec in recs:
-            if samples.get(rec["layer"]):
-                rec["t_s"] = statistics.median(samples[rec["layer"]])
-                rec["ratio_linear"] = rec["t_s"] / base if base else None
-        out += recs
+        for (rec, _), t in zip(ready, measure_interleaved([fn for _, fn in ready], device, BUDGET[size])):
+            if isinstance(t, Exception):
+                rec["status"] = _err(t)
+            else:
+                rec["t_s"] = t.median_s
+        base = next((r["t_s"] for r, _ in ready if r["layer"] == LINEAR and "t_s" in r), None)
+        for rec, _ in ready:
+            if base and "t_s" in rec:
+                rec["ratio_linear"] = rec["t_s"] / base
     return out
 
 
