@@ -9,7 +9,7 @@ from bench import blocks, compositions, peers
 
 @pytest.mark.parametrize("index", range(len(blocks.layers())))
 def test_block_layer_runs(index):
-    name, build, why = blocks.layers()[index]
+    name, build, why, _ = blocks.layers()[index]
     if why:
         pytest.skip(f"{name}: {why}")
     d, tokens, block = blocks.SHAPES["smoke"][0]

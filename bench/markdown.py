@@ -4,7 +4,7 @@ newest one per device into README)."""
 import os
 from typing import Dict, List
 
-from . import blocks, headline, peers, tables, targets
+from . import block_maps, blocks, headline, peers, tables, targets
 
 
 def _load(v) -> str:
@@ -33,7 +33,8 @@ def headline_section(res: dict, plot: str = None, all_blocks: bool = True) -> Li
         L += [f"![speed-up over the best alternative]({plot})", ""]
     if res.get("blocks") and (all_blocks or _ours_measured(res["blocks"])):
         L += ["Block-orthogonal layers, one layer's forward + backward (trainable parameters and input "
-              "gradient), float32:", "", tables.md_table(blocks.HEADER, blocks.table_rows(res["blocks"])), ""]
+              "gradient), float32:", "", tables.md_table(blocks.HEADER, blocks.table_rows(res["blocks"])), "",
+              tables.md_table(block_maps.TARGET_HEADER, block_maps.targets(res)), ""]
     return L
 
 
@@ -70,6 +71,11 @@ def report(res: dict, plot_paths: Dict[str, str], out_dir: str) -> str:
         ["kernels", ", ".join(f"{k}: {v}" for k, v in m["kernels"][res['device'].split(':')[0]].items()
                               if not k.endswith("_backward"))],
         ["wall time", f"{res['wall_s']:.0f} s (headline {res.get('headline_s', 0):.0f} s)"]]), ""]
+    if res.get("block_maps"):
+        L += ["## Block-orthogonal layers: maps and memory", "", block_maps.__doc__.split("\n\n")[0].strip(), "",
+              tables.md_table(block_maps.MAP_HEADER, block_maps.map_rows(res["block_maps"])), ""]
+        if res.get("block_memory"):
+            L += [tables.md_table(block_maps.MEM_HEADER, block_maps.memory_rows(res["block_memory"])), ""]
     if res.get("targets"):
         L += ["## Issue targets", "",
               "The ratios the issues state, at their exact shapes, each timed in this run with both sides "

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench import blocks, e2e, headline, machine, markdown, peers, plots, runner, tables, targets  # noqa: E402
+from bench import block_maps, blocks, e2e, headline, machine, markdown, peers, plots, runner, tables, targets  # noqa: E402
 from bench import cases as C  # noqa: E402
 from bench.progress import Progress, fmt_duration  # noqa: E402
 from bench.shapes import E2E_BATCH, LAYER_SETS, SIZES  # noqa: E402
@@ -114,7 +114,7 @@ def run(args) -> dict:
     size_cases = [] if args.headline_only else C.cases(size, args.ops)
     known = {c.id for c in size_cases}
     case_list = C.ordered(size_cases + [c for c in head_cases if c.id not in known])
-    n_blocks = 0 if args.no_blocks else len(blocks.SHAPES[size]) * len(blocks.layers())
+    n_blocks = 0 if args.no_blocks else blocks.count(size) + 1
     e2e_items = 0 if args.no_e2e else len(e2e.METHODS) + 2 + len(e2e.LAYER_MAPS)
     n_targets = 0 if args.no_targets or cfg["targets_s"] == 0 else targets.count(device)
     progress = Progress(len(case_list) + n_blocks + e2e_items + n_targets)
@@ -134,6 +134,9 @@ def run(args) -> dict:
     res["headline_s"] = time.perf_counter() - t0
     if not args.no_blocks:
         res["blocks"] = blocks.block_layer_times(size, device, progress=progress.step)
+        progress.step("block maps and memory")
+        res["block_maps"] = block_maps.map_times(size, device)
+        res["block_memory"] = block_maps.memory(size, device)
     if not args.no_e2e:
         res["e2e"] = e2e.train_step_times(E2E_BATCH[size], device, steps=cfg["train_steps"],
                                           progress=progress.step, deadline=deadline(train_s))
@@ -167,7 +170,11 @@ def print_report(res: dict, paths: dict) -> None:
                             "lllllllll"))
     if res.get("blocks"):
         print("\nBlock-orthogonal layers (fwd+bwd of one layer):")
-        print(tables.text_table(blocks.HEADER, blocks.table_rows(res["blocks"]), "llrrr"))
+        print(tables.text_table(blocks.HEADER, blocks.table_rows(res["blocks"]), "llrrrl"))
+        print(tables.text_table(block_maps.MAP_HEADER, block_maps.map_rows(res["block_maps"]), "lrrrr"))
+        if res.get("block_memory"):
+            print(tables.text_table(block_maps.MEM_HEADER, block_maps.memory_rows(res["block_memory"]), "llrrr"))
+        print(tables.text_table(block_maps.TARGET_HEADER, block_maps.targets(res), "lrl"))
     if res.get("targets"):
         print(f"\nIssue targets on {res['device']} (interleaved medians, one run):")
         print(tables.text_table(targets.HEADER, targets.rows(res["targets"]), "lllrrlrr"))
