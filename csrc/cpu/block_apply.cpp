@@ -78,27 +78,33 @@ int64_t chunk_rows(int64_t n) {
   return std::max<int64_t>(64, std::min<int64_t>(256, (128 * 1024) / std::max<int64_t>(n, 1)));
 }
 
-// buf[r, i] = X[row0 + r, idx[i]] in the compute type.
+// buf[r, i] = X[row0 + r, idx[i]] in the compute type (rows of X with unit column stride: the common case,
+// a plain indexed load the compiler keeps tight).
 template <typename xt, typename ct>
-void gather(ct* buf, const xt* X, int64_t row0, int64_t rows, int64_t n, int64_t rs, int64_t cs,
-            const std::vector<int64_t>& idx) {
+void gather(ct* __restrict buf, const xt* __restrict X, int64_t row0, int64_t rows, int64_t n, int64_t rs,
+            int64_t cs, const int64_t* __restrict idx) {
   for (int64_t r = 0; r < rows; ++r) {
-    const xt* src = X + (row0 + r) * rs;
-    ct* dst = buf + r * n;
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<ct>(src[idx[i] * cs]);
+    const xt* __restrict src = X + (row0 + r) * rs;
+    ct* __restrict dst = buf + r * n;
+    if (cs == 1) {
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<ct>(src[idx[i]]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<ct>(src[idx[i] * cs]);
+    }
   }
 }
 
 // Y[row0 + r, idx[j·b + i]] = out[j, r, i] (the chunk's block products), and the remainder from buf.
 template <typename xt, typename ct>
-void scatter(xt* Y, const ct* out, const ct* buf, int64_t row0, int64_t rows, int64_t n, int64_t nb, int64_t b,
-             const std::vector<int64_t>& idx) {
+void scatter(xt* __restrict Y, const ct* __restrict out, const ct* __restrict buf, int64_t row0, int64_t rows,
+             int64_t n, int64_t nb, int64_t b, const int64_t* __restrict idx) {
   const int64_t covered = nb * b;
   for (int64_t r = 0; r < rows; ++r) {
-    xt* dst = Y + (row0 + r) * n;
+    xt* __restrict dst = Y + (row0 + r) * n;
     for (int64_t j = 0; j < nb; ++j) {
-      const ct* src = out + (j * rows + r) * b;
-      for (int64_t i = 0; i < b; ++i) dst[idx[j * b + i]] = static_cast<xt>(src[i]);
+      const ct* __restrict src = out + (j * rows + r) * b;
+      const int64_t* __restrict ij = idx + j * b;
+      for (int64_t i = 0; i < b; ++i) dst[ij[i]] = static_cast<xt>(src[i]);
     }
     for (int64_t i = covered; i < n; ++i) dst[idx[i]] = static_cast<xt>(buf[r * n + i]);
   }
@@ -131,11 +137,11 @@ Tensor block_apply_cpu(const Tensor& R, const Tensor& X, const std::optional<Ten
         auto out = at::empty({nb, chunk, b}, R.options());
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t row0 = c * chunk, rows = std::min(chunk, rows_total - row0);
-          gather(buf.data_ptr<ct>(), xp, row0, rows, n, rs, cs, idx);
+          gather(buf.data_ptr<ct>(), xp, row0, rows, n, rs, cs, idx.data());
           auto o = out.narrow(1, 0, rows);
           if (rows != chunk) o = at::empty({nb, rows, b}, R.options());
           at::bmm_out(o, block_view(buf, rows, n, nb, b), Rt);
-          scatter(yp, o.const_data_ptr<ct>(), buf.const_data_ptr<ct>(), row0, rows, n, nb, b, idx);
+          scatter(yp, o.const_data_ptr<ct>(), buf.const_data_ptr<ct>(), row0, rows, n, nb, b, idx.data());
         }
       });
     });
@@ -173,13 +179,13 @@ std::tuple<Tensor, Tensor> block_apply_backward_cpu(const Tensor& grad, const Te
         auto acc = at::zeros({nb, b, b}, R.options());
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t row0 = c * chunk, rows = std::min(chunk, rows_total - row0);
-          gather(gbuf.data_ptr<ct>(), gp, row0, rows, n, G2.stride(0), G2.stride(1), idx);
-          gather(xbuf.data_ptr<ct>(), xp, row0, rows, n, X2.stride(0), X2.stride(1), idx);
+          gather(gbuf.data_ptr<ct>(), gp, row0, rows, n, G2.stride(0), G2.stride(1), idx.data());
+          gather(xbuf.data_ptr<ct>(), xp, row0, rows, n, X2.stride(0), X2.stride(1), idx.data());
           const auto gb = block_view(gbuf, rows, n, nb, b);
           auto o = out.narrow(1, 0, rows);
           if (rows != chunk) o = at::empty({nb, rows, b}, R.options());
           at::bmm_out(o, gb, Rc);
-          scatter(gxp, o.const_data_ptr<ct>(), gbuf.const_data_ptr<ct>(), row0, rows, n, nb, b, idx);
+          scatter(gxp, o.const_data_ptr<ct>(), gbuf.const_data_ptr<ct>(), row0, rows, n, nb, b, idx.data());
           acc.baddbmm_(gb.mT(), block_view(xbuf, rows, n, nb, b));
         }
         std::lock_guard<std::mutex> lock(acc_mutex);
