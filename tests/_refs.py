@@ -84,6 +84,45 @@ def cayley_torch(S: Tensor) -> Tensor:
     return torch.linalg.solve(eye - S, eye + S)
 
 
+def cayley_neumann_torch(S: Tensor, terms: int) -> Tensor:
+    """(I + A) Σ_{i=0..terms} Aⁱ with A = (S − Sᵀ)/2: the plain series, one power at a time."""
+    A = 0.5 * (S - S.mT)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    total, power = eye.expand_as(A), eye.expand_as(A)
+    for _ in range(terms):
+        power = power @ A
+        total = total + power
+    return (eye + A) @ total
+
+
+def peft_neumann_torch(Q: Tensor, num_terms: int) -> Tensor:
+    """PEFT OFT's series as its docs state it: I + 2Q + 2Q² + … + 2Q^(n−2) + Q^(n−1) (n ≥ 3)."""
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    out, power = eye.expand_as(Q), eye.expand_as(Q)
+    for i in range(1, num_terms):
+        power = power @ Q
+        out = out + (1.0 if i == num_terms - 1 else 2.0) * power
+    return out
+
+
+def permuted_block_matrix(R: Tensor, n: int, perm=None) -> Tensor:
+    """The dense n × n matrix Πᵀ blockdiag(R_1, …, R_nb, I) Π ((Π x)_i = x[perm[i]]): what block_apply
+    multiplies each row of X by, with the coordinates beyond nb·b left as they are."""
+    nb, b = R.shape[0], R.shape[-1]
+    eye = torch.eye(n - nb * b, dtype=R.dtype, device=R.device)
+    B = torch.block_diag(*R.unbind(0), eye) if nb else eye
+    if perm is None:
+        return B
+    M = torch.zeros_like(B)
+    M[perm[:, None], perm[None, :]] = B
+    return M
+
+
+def block_apply_torch(R: Tensor, X: Tensor, perm=None) -> Tensor:
+    """X times the dense permuted block matrix, row-vector form: Y = X Mᵀ."""
+    return X @ permuted_block_matrix(R, X.shape[-1], perm).mT
+
+
 TORCH_EQUIV = {
     "householder_product": lambda V, tau: householder_product_torch(V, tau),
     "householder_orthogonal": lambda V: householder_orthogonal_torch(V),

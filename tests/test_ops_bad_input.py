@@ -109,6 +109,61 @@ CASES = [
     Case("cayley", "I-S-singular", lambda: (torch.eye(3),), "I - S is singular", NOT_META),
 ]
 
+# cayley_neumann(S [..., b, b], terms) and cayley_neumann_powers (the same checks, under its own name)
+HALF_OK = "to be float32, float64, float16 or bfloat16"
+
+
+def _dt(name):
+    """A dtype as the Python checks (torch.float32) or the C++ kernels (Float) print it."""
+    cpp = {"float32": "Float", "float64": "Double", "float16": "Half", "int64": "Long"}[name]
+    return rf"(torch\.{name}|{cpp})"
+
+
+for _op in ("cayley_neumann", "cayley_neumann_powers"):
+    CASES += [
+        Case(_op, "1d", lambda: (rn(4), 5), r"expected S to be square \[\.\.\., b, b\]"),
+        Case(_op, "0d", lambda: (torch.tensor(0.5), 5), r"expected S to be square \[\.\.\., b, b\]"),
+        Case(_op, "non-square", lambda: (rn(3, 4), 5), r"expected S to be square \[\.\.\., b, b\], got shape \[3, 4\]"),
+        Case(_op, "batch-non-square", lambda: (rn(2, 3, 4), 5), r"expected S to be square .*\[2, 3, 4\]"),
+        Case(_op, "int64", lambda: (i64(3, 3), 5), f"expected S {HALF_OK}, got {_dt('int64')}"),
+        Case(_op, "complex", lambda: (rn(3, 3).to(torch.complex64), 5), f"expected S {HALF_OK}"),
+        Case(_op, "terms<0", lambda: (rn(3, 3), -1), r"expected terms >= 0 .*got -1"),
+    ]
+
+# block_apply(R [nb, b, b], X [..., n], perm [n] int64 or None)
+_PERM = r"expected perm to be an int64 tensor of shape \[6\]"
+_NOT_PERM = r"expected perm to be a permutation of 0\.\.5 \(every index exactly once\)"
+CASES += [
+    Case("block_apply", "R-int64", lambda: (i64(2, 3, 3), rn(6), None), f"expected R {FLOAT}, got {_dt('int64')}"),
+    Case("block_apply", "R-float16", lambda: (f16(2, 3, 3), f16(6), None), f"expected R {FLOAT}"),
+    Case("block_apply", "R-2d", lambda: (rn(3, 3), rn(6), None), r"expected R of shape \[nb, b, b\].*got \[3, 3\]"),
+    Case("block_apply", "R-4d", lambda: (rn(1, 2, 3, 3), rn(6), None), r"expected R of shape \[nb, b, b\]"),
+    Case("block_apply", "R-non-square", lambda: (rn(2, 3, 2), rn(6), None),
+         r"expected R of shape \[nb, b, b\] \(nb square blocks\), got \[2, 3, 2\]"),
+    Case("block_apply", "X-0d", lambda: (rn(1, 1, 1), torch.tensor(1.0), None), "expected X with at least 1 dimension"),
+    Case("block_apply", "X-dtype", lambda: (rn(2, 3, 3), rn(6).double(), None),
+         rf"expected X to have R's dtype {_dt('float32')} \(or float16/bfloat16 with float32 R\), got {_dt('float64')}"),
+    Case("block_apply", "X-half-R-f64", lambda: (rn(2, 3, 3).double(), f16(6), None),
+         rf"expected X to have R's dtype {_dt('float64')}"),
+    Case("block_apply", "X-int64", lambda: (rn(2, 3, 3), i64(6), None), "expected X to have R's dtype"),
+    Case("block_apply", "nb*b>n", lambda: (rn(3, 3, 3), rn(4, 8), None),
+         r"expected nb·b <= n, got R \[3, 3, 3\] \(9 coordinates\) for X of shape \[4, 8\]"),
+    Case("block_apply", "perm-int32", lambda: (rn(2, 3, 3), rn(6), torch.randperm(6).int()), _PERM),
+    Case("block_apply", "perm-float", lambda: (rn(2, 3, 3), rn(6), torch.randperm(6).float()), _PERM),
+    Case("block_apply", "perm-2d", lambda: (rn(2, 3, 3), rn(6), torch.randperm(6).view(2, 3)), _PERM),
+    Case("block_apply", "perm-length", lambda: (rn(2, 3, 3), rn(6), torch.randperm(7)), _PERM),
+    Case("block_apply", "mixed-device", lambda: (rn(2, 3, 3), meta(6), None), "expected R and X on the same device",
+         NOT_META),
+    Case("block_apply", "perm-device", lambda: (rn(2, 3, 3), rn(6), torch.randperm(6, device="meta")),
+         "expected perm on X's device cpu, got meta", NOT_META),
+    Case("block_apply", "perm-duplicate", lambda: (rn(2, 3, 3), rn(6), torch.tensor([0, 1, 2, 3, 4, 4])),
+         _NOT_PERM, NOT_META),
+    Case("block_apply", "perm-out-of-range", lambda: (rn(2, 3, 3), rn(6), torch.tensor([0, 1, 2, 3, 4, 6])),
+         _NOT_PERM, NOT_META),
+    Case("block_apply", "perm-negative", lambda: (rn(2, 3, 3), rn(6), torch.tensor([-1, 1, 2, 3, 4, 5])),
+         _NOT_PERM, NOT_META),
+]
+
 
 def _to_meta(args):
     return tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
@@ -147,6 +202,22 @@ def test_cayley_ops_path_is_the_cpp_kernel_when_built():
 
 # ---- backward ops: grad of the wrong shape ---------------------------------------------------------
 
+@pytest.mark.parametrize("path", ["ops", "ref"])
+def test_block_backward_ops_bad_saved_inputs(path):
+    """The backward ops check what they are handed besides grad: the powers' shape, grad's dtype, perm."""
+    S = torch.randn(2, 4, 4)
+    R, X = torch.randn(2, 3, 3), torch.randn(5, 6)
+    get = (lambda op: getattr(reference, op + "_ref")) if path == "ref" else (lambda op: getattr(ops, op))
+    with pytest.raises(RuntimeError, match=r"^opt_fast\.cayley_neumann_powers_backward: expected powers of shape "
+                                           r"\[\.\.\., 2, b, b\] for terms = 5, got \[2, 1, 4, 4\]"):
+        get("cayley_neumann_powers_backward")(S, S, S.unsqueeze(1), 5)
+    with pytest.raises(RuntimeError, match=rf"^opt_fast\.block_apply_backward: expected grad of dtype "
+                                           rf"{_dt('float32')}, got {_dt('float64')}"):
+        get("block_apply_backward")(X.double(), R, X, None)
+    with pytest.raises(RuntimeError, match=r"^opt_fast\.block_apply: expected perm to be a permutation"):
+        get("block_apply_backward")(X, R, X, torch.zeros(6, dtype=torch.int64))
+
+
 def _backward_cases():
     V, tau = torch.randn(5, 3), torch.rand(3)
     W, X = torch.randn(4, 2), torch.randn(4, 3)
@@ -160,11 +231,15 @@ def _backward_cases():
         "gram_schmidt_backward": ((rn(4, 3), P, ops.gram_schmidt(P, 0)), r"\[4, 4\]"),
         "lowdin_backward": ((rn(4, 3), P, ops.lowdin(P, 0, None)), r"\[4, 4\]"),
         "cayley_backward": ((rn(3, 3), ops.cayley(S)), r"\[4, 4\]"),
+        "cayley_neumann_backward": ((rn(2, 4, 4), S, 5), r"\[4, 4\]"),
+        "cayley_neumann_powers_backward": ((rn(4, 3), S, ops.cayley_neumann_powers(S, 5)[1], 5), r"\[4, 4\]"),
+        "block_apply_backward": ((rn(5, 6), rn(1, 3, 3), X.mT, None), r"\[3, 4\]"),
     }
 
 
 BACKWARD_OPS = ["householder_product_backward", "householder_orthogonal_backward", "householder_apply_backward",
-                "gram_schmidt_backward", "lowdin_backward", "cayley_backward"]
+                "gram_schmidt_backward", "lowdin_backward", "cayley_backward", "cayley_neumann_backward",
+                "cayley_neumann_powers_backward", "block_apply_backward"]
 
 
 @pytest.mark.parametrize("path", ["ops", "ref"])

@@ -147,12 +147,16 @@ def test_compile_fullgraph_matches_eager():
 
 EXPECTED_OPS = ("householder_product", "householder_orthogonal", "householder_apply", "gram_schmidt",
                 "lowdin", "cayley", "cayley_neumann", "block_apply")
+# variants keeping what their backward reuses (not in FORWARD_OPS: the layers pick them)
+EXPECTED_VARIANTS = ("lowdin_svd", "cayley_neumann_powers")
 
 
 def test_every_op_and_its_backward_exist():
-    """torch.ops.opt_fast has exactly the forward ops of EXPECTED_OPS, each with <op>_backward."""
+    """torch.ops.opt_fast has exactly the forward ops of EXPECTED_OPS, each with <op>_backward, plus the two
+    variants, also with a backward op."""
     assert set(opt_fast._ops.FORWARD_OPS) == set(EXPECTED_OPS)
-    for op in EXPECTED_OPS:
+    assert set(opt_fast._ops.ALL_OPS) == {o + s for o in EXPECTED_OPS + EXPECTED_VARIANTS for s in ("", "_backward")}
+    for op in EXPECTED_OPS + EXPECTED_VARIANTS:
         for name in (op, op + "_backward"):
             packet = getattr(ops, name)
             assert isinstance(packet, torch._ops.OpOverloadPacket), name
@@ -217,7 +221,7 @@ def test_backend_report_lists_every_op():
     text = opt_fast.backend_report(file=buf)
     assert buf.getvalue().rstrip("\n") == text
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
-    for op in EXPECTED_OPS + tuple(o + "_backward" for o in EXPECTED_OPS):
+    for op in opt_fast._ops.ALL_OPS:
         assert op in rows, f"{op} missing from backend_report()"
         assert rows[op][1] == opt_fast.kernel_for(op, "cpu")
         assert rows[op][1] in ("C++", "reference")

@@ -107,7 +107,7 @@ Tensor sum_with_identity(const std::vector<Tensor>& P, int64_t h, const Tensor& 
 // R from A and its powers (P[0] = Y always present; P[j-1] = Yʲ up to h).
 Tensor series(const Tensor& A, const std::vector<Tensor>& P, int64_t terms) {
   const auto eye = eye3(A);
-  if (terms == 0) return A + eye;
+  if (terms == 0) return (A + eye).contiguous();  // A may be transposed in storage (S was)
   const int64_t h = terms / 2;
   auto Am = P[0] + eye;
   Am.add_(A, 2.0);
@@ -149,7 +149,7 @@ Tensor backward_impl(const Tensor& grad, const Tensor& S, const std::vector<Tens
   const auto eye = eye3(A);
   Tensor W, dY;
   if (h == 0) {  // k = 1: R = Am
-    W = G.clone();
+    W = G.clone(at::MemoryFormat::Contiguous);  // grad may be transposed in storage
     dY = sym(G);
   } else {
     const auto E = sum_with_identity(P, h, eye);

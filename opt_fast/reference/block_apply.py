@@ -45,6 +45,9 @@ def block_apply_backward_ref(grad: Tensor, R: Tensor, X: Tensor,
                              perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """grad_X = Πᵀ Bᵀ Π grad (the same product with every block transposed), grad_R_j = Σ_rows g_j x_jᵀ."""
     _checks.grad_like("block_apply_backward", grad, X.shape)
+    _checks.block_apply(R, X, perm)  # the forward's checks, as the C++ backward makes them
+    if grad.dtype != X.dtype:
+        _checks.fail("block_apply_backward", f"expected grad of dtype {X.dtype}, got {grad.dtype}")
     nb, b = R.shape[0], R.shape[-1]
     g_blocks, g_rest = _split(grad.to(R.dtype), perm, nb, b)
     x_blocks, _ = _split(X.to(R.dtype), perm, nb, b)

@@ -97,5 +97,11 @@ def cayley_neumann_backward_ref(grad: Tensor, S: Tensor, terms: int) -> Tensor:
 
 
 def cayley_neumann_powers_backward_ref(grad: Tensor, S: Tensor, powers: Tensor, terms: int) -> Tensor:
-    """The same gradient; the saved powers are a speed-up only, so the spec ignores them."""
+    """The same gradient; the saved powers are a speed-up only, so the spec ignores their values (it
+    checks their shape, as the kernels that read them do)."""
+    op = "cayley_neumann_powers_backward"
+    _checks.grad_like(op, grad, S.shape)
+    if powers.dim() != S.dim() + 1 or powers.shape[-3] != num_powers(terms):
+        _checks.fail(op, f"expected powers of shape [..., {num_powers(terms)}, b, b] for terms = {terms}, "
+                         f"got {list(powers.shape)}")
     return cayley_neumann_backward_ref(grad, S, terms)
