@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _backends
+
 _ops = torch.ops.opt_fast
 
 
@@ -56,14 +58,8 @@ def orthogonalize_approx(G: Tensor, steps: int = 5) -> Tensor:
     orthogonal (the benchmark reports its ||XᵀX - I||). Use ``lowdin`` where R must be orthogonal.
     On CUDA with Triton: the Triton kernels, products in bfloat16 with float32 accumulation; elsewhere
     plain torch in the input's float32/float64 precision. Not differentiable (an optimizer update)."""
-    if G.is_cuda:
-        try:
-            from .triton_kernels import HAS_TRITON
-            if HAS_TRITON:
-                from .triton_kernels.lowdin import orthogonalize_approx as _triton
-                return _triton(G, steps)
-        except ImportError:
-            pass
+    if G.is_cuda and _backends.triton_approx is not None:
+        return _backends.triton_approx(G, steps)
     return _orthogonalize_approx_torch(G, steps)
 
 

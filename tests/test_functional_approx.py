@@ -42,3 +42,16 @@ def test_is_approximate_for_ill_conditioned_square_input():
 def test_no_gradient_flows():
     G = torch.randn(8, 8, requires_grad=True)
     assert not orthogonalize_approx(G).requires_grad
+
+
+def test_cuda_route_is_the_triton_kernel_when_triton_loads():
+    # functional reaches the Triton kernel through _backends (it must not import opt_fast.triton_kernels,
+    # which imports functional): registered exactly when Triton is available
+    from opt_fast import _backends
+    from opt_fast.triton_kernels import HAS_TRITON
+
+    assert (_backends.triton_approx is not None) == HAS_TRITON
+    if HAS_TRITON:
+        from opt_fast.triton_kernels.lowdin import orthogonalize_approx as triton_approx
+
+        assert _backends.triton_approx is triton_approx

@@ -6,10 +6,9 @@
 """
 from .convert import convert, merge
 from .group import Grouping, LayerGroup, group_layers, ungroup
-from .layers import OPTConv1d, OPTConv2d, OPTLayer, OPTLinear
+from .layers import OPTConv1d, OPTConv2d, OPTLayer, OPTLinear, resample
 from .methods import INITS, METHODS
 from .regularization import orth_reg_loss
-from .stochastic import resample
 
 __all__ = ["OPTLayer", "OPTLinear", "OPTConv1d", "OPTConv2d", "convert", "merge", "group_layers", "ungroup",
            "Grouping", "LayerGroup", "resample", "orth_reg_loss", "METHODS", "INITS"]
