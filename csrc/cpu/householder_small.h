@@ -1,6 +1,7 @@
-// Householder forwards for small matrices, one reflector at a time (included by householder.cpp).
+// Householder forwards for small matrices, one reflector at a time (included by householder_product.cpp,
+// householder_orthogonal.cpp and householder_apply.cpp).
 //
-// Why: at d = 27 the level-3 UT form of householder.cpp spends ~120 µs in about twenty ATen calls around
+// Why: at d = 27 the level-3 UT form (householder_ut.h) spends ~120 µs in about twenty ATen calls around
 // ~10 µs of arithmetic (torch's orgqr: 22 µs). Below kSmallD one tight pass per matrix wins: the same
 // O(d²k) flops, level 2, but each matrix and its work vector stay in L1 (64×64 doubles = 32 KB), and the
 // batch is split across threads with at::parallel_for. Backward ops keep the UT form (its cost there is

@@ -1,7 +1,9 @@
 // Pure-CUDA kernels of the Householder ops (no torch headers): raw pointers, sizes, strides in elements,
 // a stream; each launcher returns the launch's cudaError_t (cudaSuccess for empty work: nothing launched).
-// Instantiated for float and double. The torch glue is csrc/cuda/householder_cuda.cpp; the maths is the
-// UT / compact-WY form of opt_fast/reference/householder.py and csrc/cpu/householder.cpp.
+// Instantiated for float and double; the small-d path is householder_small_kernels.cu, the pieces of the
+// level-3 path householder_ut_kernels.cu. The torch glue is householder_<op>_cuda.cpp with the shared
+// householder_ut_cuda.h; the maths is the UT / compact-WY form of opt_fast/reference/householder.py and
+// csrc/cpu/householder_ut.h.
 #pragma once
 
 #include <cuda_runtime_api.h>
