@@ -18,12 +18,14 @@ def householder_product(V: Tensor, tau: Tensor) -> Tensor:
 
 def householder_orthogonal(V: Tensor) -> Tensor:
     """H(v_1)…H(v_k) with H(v) = I - 2vvᵀ/vᵀv for the dense columns v_i of V: [..., d, k] -> [..., d, d].
-    A zero column is the identity reflector."""
+    A zero column is the identity reflector. The length of a column does not matter, over the whole
+    floating-point range (each is rescaled by a power of two before vᵀv is formed)."""
     return _ops.householder_orthogonal(V)
 
 
 def householder_apply(V: Tensor, X: Tensor) -> Tensor:
-    """H(v_1)…H(v_k) X without forming the d×d product. V: [..., d, k], X: [..., d, n] -> [..., d, n]."""
+    """H(v_1)…H(v_k) X without forming the d×d product. V: [..., d, k], X: [..., d, n] -> [..., d, n].
+    Reflectors as in ``householder_orthogonal``."""
     return _ops.householder_apply(V, X)
 
 

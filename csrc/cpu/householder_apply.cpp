@@ -1,6 +1,7 @@
 // householder_apply (H(v_1) ... H(v_k) X without forming the d×d product) and householder_apply_backward on
 // the CPU. Spec: opt_fast/reference/householder.py; the shared UT form is householder_ut.h, the structured
-// products householder_panels.h, the small-d path householder_small.h.
+// products householder_panels.h, the small-d path householder_small.h. A panel of reflectors whose vᵀv
+// over- or underflows is rescaled by powers of two (reflectors_with_gram, householder_ut.h).
 //
 // In column panels of the reflectors, as LAPACK's ormqr: out = A_1 (A_2 (... (A_p X))) with
 // A_I = I - V_I T_I V_Iᵀ and one T_I per panel of kApplyPanel reflectors. That is 4dkn + dk·w flops; one T
@@ -34,6 +35,9 @@ constexpr int64_t kApplyPanel = 64;
 
 // Y <- A_1 ... A_p Y in place (Y contiguous [B, d, n]); with Xin ([p, B, d, n]) defined, Xin[I] receives
 // the input of panel I, and the last panel's product (the output itself) is skipped.
+// The Gram matrix of one panel of reflectors.
+Tensor gram(const Tensor& VI) { return at::bmm(VI.mT(), VI); }
+
 void apply_panels(const Tensor& V3, const Tensor& Y, const Tensor& Xin) {
   const int64_t B = Y.size(0), k = V3.size(2), n = Y.size(2), w = std::min(kApplyPanel, k);
   const int64_t p = (k + w - 1) / w;
@@ -41,12 +45,13 @@ void apply_panels(const Tensor& V3, const Tensor& Y, const Tensor& Xin) {
   auto Z = at::empty({B, w, n}, Y.options());
   for (int64_t I = p - 1; I >= 0; --I) {
     const int64_t i0 = I * w, i1 = std::min(k, i0 + w);
-    const auto VI = cols(V3, i0, i1);
     if (Xin.defined()) {
       Xin[I].copy_(Y);
       if (I == 0) break;
     }
-    const auto N = at::bmm(VI.mT(), VI);  // T_I reads its strict upper part; diag = ||v||² gives tau
+    // T_I reads N's strict upper part; diag = ||v||² gives tau
+    const auto [scaled, N] = reflectors_with_gram(cols(V3, i0, i1), gram);
+    const auto& VI = scaled.V;
     const auto T = compute_T_diag(N, Tensor(), i1 - i0).select(1, 0);
     const auto WI = rows(W, 0, i1 - i0), ZI = rows(Z, 0, i1 - i0);
     gemm(WI, VI.mT(), Y, 1.0, 0.0);
@@ -75,7 +80,8 @@ Tensor householder_apply_cpu(const Tensor& V, const Tensor& X) {
 // Panel I maps its input X_I to Y = X_I - V_I Z, Z = T_I W1, W1 = V_Iᵀ X_I. With G = dL/dY:
 //     dT_I = -U W1ᵀ and dW1 = -T_Iᵀ U (U = V_Iᵀ G),  dV_I = V_I (dN + dNᵀ) - G Zᵀ + X_I dW1ᵀ - (dtau tau²) V_I,
 //     dL/dX_I = G + V_I dW1,
-// the full UT backward of one panel (t_backward), then on to the panel before it.
+// the full UT backward of one panel (t_backward), then on to the panel before it. A panel whose reflectors
+// are rescaled (as in the forward) runs at the rescaled V_I; its dV_I is then divided by the scale.
 std::tuple<Tensor, Tensor> householder_apply_backward_cpu(const Tensor& grad, const Tensor& V, const Tensor& X) {
   const char* op = "householder_apply_backward";
   check_apply(op, V, X);
@@ -91,9 +97,9 @@ std::tuple<Tensor, Tensor> householder_apply_backward_cpu(const Tensor& grad, co
   auto dV = at::empty({B, d, k}, V.options());
   for (int64_t I = 0; I < p; ++I) {
     const int64_t i0 = I * w, i1 = std::min(k, i0 + w), wi = i1 - i0;
-    const auto VI = cols(V3, i0, i1);
+    const auto [scaled, N] = reflectors_with_gram(cols(V3, i0, i1), gram);
+    const auto& VI = scaled.V;
     const auto& XI = Xin[I];
-    const auto N = at::bmm(VI.mT(), VI);
     const auto tau = tau_from_norms(N.diagonal(0, 1, 2));
     const auto [T, Ainv] = T_and_Ainv(N, tau);
     const auto W1 = at::bmm(VI.mT(), XI);  // wi×n
@@ -111,6 +117,7 @@ std::tuple<Tensor, Tensor> householder_apply_backward_cpu(const Tensor& grad, co
     gemm(dVI, XI, dW1.mT(), 1.0);
     dVI.sub_(VI * (dtau * tau * tau).unsqueeze(1));
     gemm(G, VI, dW1, 1.0);  // dL/dX_I, the next panel's G
+    unscale_grad_(dVI, scaled);  // the gradient at the rescaled V_I, divided by the scale
   }
   return {dV.view(V.sizes()), G.view(X.sizes())};
 }

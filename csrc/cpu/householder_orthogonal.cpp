@@ -2,6 +2,8 @@
 // householder_orthogonal_backward on the CPU. Spec: opt_fast/reference/householder.py; the shared UT form
 // is householder_ut.h, the structured products householder_panels.h, the small-d path householder_small.h.
 //
+//   * a reflector whose vᵀv (the diagonal of N) over- or underflows is rescaled by a power of two
+//     (reflectors_with_gram, householder_ut.h);
 //   * Q = I - V W with the sign folded into W = -T Vᵀ (block substitution, apply_T_right): one GEMM, then +1
 //     on the diagonal; tau = 2 / diag(VᵀV) comes for free from N.
 // Measured 2026-11-23 (AMD EPYC, 2 cores shared with other jobs, MKL, 2 threads, float32, batch 1,
@@ -37,8 +39,8 @@ Tensor householder_orthogonal_cpu(const Tensor& V) {
   if (k == 0 || B == 0) {
     Q = at::zeros({B, d, d}, V.options());
   } else {
-    const auto V3 = blas_view(V, B);
-    const auto N = gram_upper(V3, nb);
+    const auto [scaled, N] = reflectors_with_gram(blas_view(V, B), [nb](const Tensor& A) { return gram_upper(A, nb); });
+    const auto& V3 = scaled.V;
     const auto Td = compute_T_diag(N, Tensor(), kTDiagBlock);  // tau = 2 / diag(N)
     Q = at::bmm(V3, apply_T_right(Td, N, V3, false, -1.0).mT());  // V (-T Vᵀ) = V (-V Tᵀ)ᵀ
   }
@@ -56,8 +58,8 @@ Tensor householder_orthogonal_backward_cpu(const Tensor& grad, const Tensor& V) 
   const int64_t nb = panel_for(B);
   if (k == 0 || B == 0 || d == 0) return at::zeros(V.sizes(), V.options());
   const auto G = grad.reshape({B, d, d});
-  const auto V3 = blas_view(V, B);
-  const auto N = gram_upper(V3, nb);
+  const auto [scaled, N] = reflectors_with_gram(blas_view(V, B), [nb](const Tensor& A) { return gram_upper(A, nb); });
+  const auto& V3 = scaled.V;
   const auto tau = tau_from_norms(N.diagonal(0, 1, 2));
   const auto [T, Ainv] = T_and_Ainv(N, tau);
   const auto GV = at::bmm(G, V3);
@@ -66,11 +68,12 @@ Tensor householder_orthogonal_backward_cpu(const Tensor& grad, const Tensor& V) 
   auto dT = at::empty({B, k, k}, V.options());
   mul_upper(dT, V3.mT(), GV, -1.0, nb);
   auto [dtau, sym] = t_backward(dT, N, T, Ainv, tau, nb);
-  // dV = V (dN + dNᵀ) - G V Tᵀ - Gᵀ V T - (dtau tau²) V
+  // dV = V (dN + dNᵀ) - G V Tᵀ - Gᵀ V T - (dtau tau²) V, at the rescaled V; then divided by the scale
   auto dV = at::bmm(V3, sym);
   mul(dV, GV, kFull, T.mT(), kLower, -1.0, nb);
   mul(dV, GtV, kFull, T, kUpper, -1.0, nb);
   dV.sub_(V3 * (dtau * tau * tau).unsqueeze(1));
+  unscale_grad_(dV, scaled);
   return dV.view(V.sizes());
 }
 

@@ -269,5 +269,46 @@ std::pair<Tensor, Tensor> t_backward(const Tensor& dT, const Tensor& N, const Te
   return {dtau, sym};
 }
 
+// ---- reflector scaling ------------------------------------------------------------------------------
+
+namespace {
+
+template <typename scalar_t>
+bool gram_needs_rescale_kernel(const Tensor& N, const Tensor& V3) {
+  const int64_t B = V3.size(0), d = V3.size(1), k = V3.size(2);
+  const scalar_t* const Np = N.const_data_ptr<scalar_t>();
+  const scalar_t* const Vp = V3.const_data_ptr<scalar_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < k; ++j) {
+      const scalar_t sq = Np[b * N.stride(0) + j * (N.stride(1) + N.stride(2))];
+      if (!norm2_out_of_range(sq)) continue;
+      if (sq != scalar_t(0)) return true;
+      const scalar_t* v = Vp + b * V3.stride(0) + j * V3.stride(2);
+      for (int64_t i = 0; i < d; ++i)
+        if (v[i * V3.stride(1)] != scalar_t(0)) return true;  // vᵀv underflowed to 0
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+bool gram_needs_rescale(const Tensor& N, const Tensor& V3) {
+  bool need = false;
+  AT_DISPATCH_FLOATING_TYPES(V3.scalar_type(), "householder_gram_check", [&] {
+    need = gram_needs_rescale_kernel<scalar_t>(N, V3);
+  });
+  return need;
+}
+
+Scaled rescale_reflectors(const Tensor& V3) {
+  auto inv = at::amax(V3.abs(), {1}, /*keepdim=*/true).contiguous();  // max |v_i| per reflector
+  AT_DISPATCH_FLOATING_TYPES(V3.scalar_type(), "householder_rescale", [&] {
+    scalar_t* const a = inv.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < inv.numel(); ++i) a[i] = reflector_inv_scale(a[i]);
+  });
+  return {V3 * inv, inv};  // exact: multiplications by powers of two
+}
+
 }  // namespace householder
 }  // namespace opt_fast

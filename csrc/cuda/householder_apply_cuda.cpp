@@ -1,5 +1,5 @@
 // Torch glue of householder_apply (H(v_1) ... H(v_k) X without forming the d×d product) and
-// householder_apply_backward on CUDA. Paths and shared pieces: householder_ut_cuda.h.
+// householder_apply_backward on CUDA. Paths, reflector rescaling and shared pieces: householder_ut_cuda.h.
 #include "householder_ut_cuda.h"
 
 #include <tuple>
@@ -16,10 +16,11 @@ Tensor householder_apply_cuda(const Tensor& V, const Tensor& X) {
   if (kk == 0 || B == 0 || n == 0 || d == 0) return X3.clone(at::MemoryFormat::Contiguous).view(X.sizes());
   const auto V3 = V.reshape({B, d, kk});
   if (use_small(d, n, V)) return small_forward(k::SmallMode::kDense, V3, Tensor(), X3, n, kk, scope.stream).view(X.sizes());
-  const auto N = at::bmm(V3.mT(), V3);
+  const auto Vs = rescale_reflectors(V3, scope.stream).V;
+  const auto N = at::bmm(Vs.mT(), Vs);
   const auto T = compute_T(N, tau_from_gram(N, scope.stream), scope.stream);
-  const auto Z = at::bmm(T, at::bmm(V3.mT(), X3));  // T (Vᵀ X)
-  return at::baddbmm(X3, V3, Z, 1.0, -1.0).contiguous().view(X.sizes());
+  const auto Z = at::bmm(T, at::bmm(Vs.mT(), X3));  // T (Vᵀ X)
+  return at::baddbmm(X3, Vs, Z, 1.0, -1.0).contiguous().view(X.sizes());
 }
 
 std::tuple<Tensor, Tensor> householder_apply_backward_cuda(const Tensor& grad, const Tensor& V, const Tensor& X) {
@@ -32,15 +33,15 @@ std::tuple<Tensor, Tensor> householder_apply_backward_cuda(const Tensor& grad, c
   if (kk == 0 || B == 0 || d == 0 || n == 0) {
     return {at::zeros(V.sizes(), V.options()), G.clone(at::MemoryFormat::Contiguous).view(X.sizes())};
   }
-  const auto V3 = V.reshape({B, d, kk});
+  const auto s = rescale_reflectors(V.reshape({B, d, kk}), scope.stream);
   const auto X3 = X.reshape({B, d, n});
-  const auto N = at::bmm(V3.mT(), V3);
+  const auto N = at::bmm(s.V.mT(), s.V);
   const auto tau = tau_from_gram(N, scope.stream);
-  const auto W1 = at::bmm(V3.mT(), X3);
-  auto g = ut_backward(G, V3, tau, W1, N, scope.stream);
+  const auto W1 = at::bmm(s.V.mT(), X3);
+  auto g = ut_backward(G, s.V, tau, W1, N, scope.stream);
   g.dY.baddbmm_(X3, g.dW1.mT());                      // + X dW1ᵀ, the path through W1 = Vᵀ X
-  auto dV = dense_dV(g.dY, Tensor(), V3, g.dtau, tau, scope.stream);
-  auto dX = at::baddbmm(G, V3, g.dW1);                 // G + V dW1
+  auto dV = dense_dV(g.dY, Tensor(), s, g.dtau, tau, scope.stream);  // divided by p
+  auto dX = at::baddbmm(G, s.V, g.dW1);                // G + V dW1 (scale-free)
   return {dV.view(V.sizes()), dX.contiguous().view(X.sizes())};
 }
 

@@ -5,10 +5,14 @@
 // as rank-1 updates X <- X - tau y (yᵀ X), the backward accumulation of LAPACK's org2r (backward stable).
 // The k steps are sequential inside the block, which at this size costs less than the ~15 launches of the
 // level-3 path (d <= 64 is launch-latency bound). Dot products accumulate in double (also for float data):
-// it costs little here and keeps the float32 error at or below that of torch's own float32 routines.
+// it costs little here and keeps the float32 error at or below that of torch's own float32 routines. A
+// dense reflector whose vᵀv (in double) leaves the safe range is rescaled by a power of two
+// (householder_scale.cuh), as the level-3 path rescales every reflector, so that the two paths agree on
+// tiny and huge reflectors.
 #include "householder_kernels.cuh"
 
 #include "cuda_utils.cuh"
+#include "householder_scale.cuh"
 
 namespace opt_fast {
 namespace cuda {
@@ -50,6 +54,18 @@ __global__ void __launch_bounds__(kThreads) householder_small_kernel(
         sq += static_cast<double>(v) * static_cast<double>(v);
       }
       sq = block_sum(sq, scratch);  // synchronises: y is complete afterwards
+      if (norm2_out_of_range(sq)) {  // the same for the whole block; only double data at |v| beyond ~1e±100
+        double amax = 0.0;
+        for (int64_t i = threadIdx.x; i < m; i += blockDim.x) amax = fmax(amax, fabs(static_cast<double>(y[i])));
+        const T s = reflector_inv_scale(static_cast<T>(block_max(amax, scratch)));
+        sq = 0.0;
+        for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {  // the entries this thread loaded
+          const T v = y[i] * s;
+          y[i] = v;
+          sq += static_cast<double>(v) * static_cast<double>(v);
+        }
+        sq = block_sum(sq, scratch);
+      }
       tj = sq > 0.0 ? 2.0 / sq : 0.0;  // NaN column: tau 0, and the NaN still reaches Q through y
     }
     // w = yᵀ Q, one thread per column (consecutive threads, consecutive addresses)

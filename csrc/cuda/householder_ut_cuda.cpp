@@ -1,6 +1,7 @@
 // Torch glue shared by the CUDA Householder ops (declarations, paths and contracts: householder_ut_cuda.h).
 #include "householder_ut_cuda.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -117,6 +118,21 @@ Tensor small_forward(k::SmallMode mode, const Tensor& V3, const Tensor& tau2, co
   return out;
 }
 
+// ---- reflector scaling -------------------------------------------------------------------------------
+
+Scaled rescale_reflectors(const Tensor& V3, cudaStream_t stream) {
+  const int64_t B = V3.size(0), d = V3.size(1), kk = V3.size(2);
+  const auto amax = at::linalg_vector_norm(V3, INFINITY, at::IntArrayRef{1}).contiguous();  // max |v_i| per reflector, [B, k]
+  Scaled s{at::empty({B, d, kk}, V3.options()), at::empty({B, kk}, V3.options())};
+  AT_DISPATCH_FLOATING_TYPES(V3.scalar_type(), "householder_rescale_cuda", [&] {
+    C10_CUDA_CHECK(k::rescale_reflectors<scalar_t>(V3.const_data_ptr<scalar_t>(), V3.stride(0), V3.stride(1),
+                                                   V3.stride(2), amax.const_data_ptr<scalar_t>(),
+                                                   s.V.data_ptr<scalar_t>(), s.inv.data_ptr<scalar_t>(), B, d, kk,
+                                                   stream));
+  });
+  return s;
+}
+
 // ---- the shared backward: reverse of out = X - Y T W1, W1 = Yᵀ X (reference _ut_backward) -----------
 
 UTGrads ut_backward(const Tensor& G, const Tensor& Y, const Tensor& tau, const Tensor& W1, const Tensor& N,
@@ -145,17 +161,18 @@ UTGrads ut_backward(const Tensor& G, const Tensor& Y, const Tensor& tau, const T
   return {dY, dtau, dW1};
 }
 
-Tensor dense_dV(const Tensor& A, const Tensor& Bt, const Tensor& V3, const Tensor& dtau, const Tensor& tau,
+Tensor dense_dV(const Tensor& A, const Tensor& Bt, const Scaled& s, const Tensor& dtau, const Tensor& tau,
                 cudaStream_t stream) {
-  const int64_t B = V3.size(0), d = V3.size(1), kk = V3.size(2);
-  auto dV = at::empty({B, d, kk}, V3.options());
-  const auto Ac = A.contiguous(), Vc = V3.contiguous(), dtc = dtau.contiguous(), tc = tau.contiguous();
+  const int64_t B = s.V.size(0), d = s.V.size(1), kk = s.V.size(2);
+  auto dV = at::empty({B, d, kk}, s.V.options());
+  const auto Ac = A.contiguous(), dtc = dtau.contiguous(), tc = tau.contiguous();
   const Tensor Btc = Bt.defined() ? Bt.contiguous() : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(V3.scalar_type(), "householder_dense_dV_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(s.V.scalar_type(), "householder_dense_dV_cuda", [&] {
     C10_CUDA_CHECK(k::dense_dV<scalar_t>(Ac.const_data_ptr<scalar_t>(),
                                          Btc.defined() ? Btc.const_data_ptr<scalar_t>() : nullptr,
-                                         Vc.const_data_ptr<scalar_t>(), dtc.const_data_ptr<scalar_t>(),
-                                         tc.const_data_ptr<scalar_t>(), dV.data_ptr<scalar_t>(), B, d, kk, stream));
+                                         s.V.const_data_ptr<scalar_t>(), dtc.const_data_ptr<scalar_t>(),
+                                         tc.const_data_ptr<scalar_t>(), s.inv.const_data_ptr<scalar_t>(),
+                                         dV.data_ptr<scalar_t>(), B, d, kk, stream));
   });
   return dV;
 }

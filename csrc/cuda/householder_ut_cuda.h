@@ -13,6 +13,9 @@
 //     a time, T12 = -T11 N12 T22 over all sibling pairs at once (two batched matmuls per level, log2(k/32)
 //     levels), as in the CPU kernel. The backward recomputes N and T (nothing stored per reflector) and runs
 //     the reference's _ut_backward with full matrices; its elementwise tails are one launch each.
+// The dense ops rescale each reflector by a power of two first, on both paths (householder_scale.cuh), so
+// that vᵀv neither over- nor underflows (in float32 through cuBLAS it underflowed to tau = 0 from |v| ~ 1e-19
+// while the small path, accumulating in double, did not: the two paths disagreed).
 // Everything runs on the current stream of the input's device; every launch is checked. Float32 GEMMs run
 // with TF32 off (CudaScope): the project's precision rule allows no TF32 in a final result.
 //
@@ -61,6 +64,13 @@ void eye_minus_(const Tensor& Q, cudaStream_t stream);
 // Y = the unit-lower-trapezoidal part of V3[:, :, :kk], contiguous [B, m, kk].
 Tensor unit_lower(const Tensor& V3, int64_t kk, cudaStream_t stream);
 
+// The dense ops' reflectors rescaled by powers of two (the rule of householder_scale.cuh).
+struct Scaled {
+  Tensor V;    // [B, d, k] contiguous
+  Tensor inv;  // [B, k] contiguous: 1/p per reflector, to scale gradients
+};
+Scaled rescale_reflectors(const Tensor& V3, cudaStream_t stream);
+
 // The reverse of out = X - Y T W1, W1 = Yᵀ X (reference _ut_backward), for N = YᵀY.
 struct UTGrads {
   Tensor dY, dtau, dW1;  // dY without the path through W1
@@ -68,9 +78,9 @@ struct UTGrads {
 UTGrads ut_backward(const Tensor& G, const Tensor& Y, const Tensor& tau, const Tensor& W1, const Tensor& N,
                     cudaStream_t stream);
 
-// dV = A + (Bt ? Btᵀ : 0) - (dtau tau²) V, the dense ops' final step (A, V [B, d, k]; Bt [B, k, d] or
-// undefined).
-Tensor dense_dV(const Tensor& A, const Tensor& Bt, const Tensor& V3, const Tensor& dtau, const Tensor& tau,
+// dV = (A + (Bt ? Btᵀ : 0) - (dtau tau²) V) · inv, the dense ops' final step, at the rescaled reflectors
+// s.V (A [B, d, k]; Bt [B, k, d] or undefined).
+Tensor dense_dV(const Tensor& A, const Tensor& Bt, const Scaled& s, const Tensor& dtau, const Tensor& tau,
                 cudaStream_t stream);
 
 }  // namespace householder_cuda

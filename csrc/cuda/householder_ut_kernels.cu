@@ -1,13 +1,15 @@
 // The pieces of the level-3 path of the Householder ops (declarations and contracts:
 // householder_kernels.cuh). The UT form, H_0…H_{k-1} = I - Y T Yᵀ, T = (I + D N)⁻¹ D, N = striu(YᵀY): the
 // products are cuBLAS batched GEMMs in the glue (householder_ut_cuda.cpp); these kernels do what cuBLAS
-// cannot: the unit-lower extraction, tau from the Gram diagonal, T's diagonal leaves by substitution, I - Q,
-// and the elementwise tails of the backward. Each is one launch over the whole batch. Substitutions and reductions accumulate in double (also
+// cannot: the rescaling of the dense ops' reflectors (householder_scale.cuh), the unit-lower extraction, tau
+// from the Gram diagonal, T's diagonal leaves by substitution, I - Q, and the elementwise tails of the
+// backward. Each is one launch over the whole batch. Substitutions and reductions accumulate in double (also
 // for float data): it costs little here and keeps the float32 error at or below that of torch's own float32
 // routines.
 #include "householder_kernels.cuh"
 
 #include "cuda_utils.cuh"
+#include "householder_scale.cuh"
 
 namespace opt_fast {
 namespace cuda {
@@ -15,6 +17,19 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void rescale_reflectors_kernel(const T* __restrict__ V, int64_t vsb, int64_t vsr, int64_t vsc,
+                                          const T* __restrict__ amax, T* __restrict__ out, T* __restrict__ inv,
+                                          int64_t B, int64_t d, int64_t k) {
+  const int64_t total = B * d * k;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = e % k, i = (e / k) % d, b = e / (d * k);
+    const T s = reflector_inv_scale(amax[b * k + c]);
+    out[e] = V[b * vsb + i * vsr + c * vsc] * s;
+    if (i == 0) inv[b * k + c] = s;
+  }
+}
 
 template <typename T>
 __global__ void unit_lower_kernel(const T* __restrict__ V, int64_t vsb, int64_t vsr, int64_t vsc, T* __restrict__ Y,
@@ -122,21 +137,30 @@ __global__ void product_dV_kernel(const T* __restrict__ dY, const T* __restrict_
 
 template <typename T>
 __global__ void dense_dV_kernel(const T* __restrict__ A, const T* __restrict__ Bt, const T* __restrict__ V,
-                                const T* __restrict__ dtau, const T* __restrict__ tau, T* __restrict__ dV, int64_t B,
-                                int64_t d, int64_t k) {
+                                const T* __restrict__ dtau, const T* __restrict__ tau, const T* __restrict__ inv,
+                                T* __restrict__ dV, int64_t B, int64_t d, int64_t k) {
   const int64_t total = B * d * k;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = e % k, i = (e / k) % d, b = e / (d * k);
     const T t = tau[b * k + c];
     T v = A[e] - dtau[b * k + c] * t * t * V[e];
     if (Bt) v += Bt[b * k * d + c * d + i];
-    dV[e] = v;
+    dV[e] = v * inv[b * k + c];
   }
 }
 
 }  // namespace
 
 // ---- launchers ----------------------------------------------------------------------------------------
+
+template <typename T>
+cudaError_t rescale_reflectors(const T* V, int64_t vsb, int64_t vsr, int64_t vsc, const T* amax, T* out, T* inv,
+                               int64_t B, int64_t d, int64_t k, cudaStream_t stream) {
+  if (B * d * k <= 0) return cudaSuccess;
+  rescale_reflectors_kernel<T><<<grid_for(B * d * k, kThreads), kThreads, 0, stream>>>(V, vsb, vsr, vsc, amax, out,
+                                                                                       inv, B, d, k);
+  return cudaGetLastError();
+}
 
 template <typename T>
 cudaError_t unit_lower(const T* V, int64_t vsb, int64_t vsr, int64_t vsc, T* Y, int64_t B, int64_t m, int64_t k,
@@ -189,14 +213,16 @@ cudaError_t product_dV(const T* dY, const T* dW1, T* dV, int64_t B, int64_t m, i
 }
 
 template <typename T>
-cudaError_t dense_dV(const T* A, const T* Bt, const T* V, const T* dtau, const T* tau, T* dV, int64_t B, int64_t d,
-                     int64_t k, cudaStream_t stream) {
+cudaError_t dense_dV(const T* A, const T* Bt, const T* V, const T* dtau, const T* tau, const T* inv, T* dV, int64_t B,
+                     int64_t d, int64_t k, cudaStream_t stream) {
   if (B * d * k <= 0) return cudaSuccess;
-  dense_dV_kernel<T><<<grid_for(B * d * k, kThreads), kThreads, 0, stream>>>(A, Bt, V, dtau, tau, dV, B, d, k);
+  dense_dV_kernel<T><<<grid_for(B * d * k, kThreads), kThreads, 0, stream>>>(A, Bt, V, dtau, tau, inv, dV, B, d, k);
   return cudaGetLastError();
 }
 
 #define OPT_FAST_INSTANTIATE(T)                                                                                    \
+  template cudaError_t rescale_reflectors<T>(const T*, int64_t, int64_t, int64_t, const T*, T*, T*, int64_t,      \
+                                             int64_t, int64_t, cudaStream_t);                                     \
   template cudaError_t unit_lower<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, int64_t, int64_t,          \
                                      cudaStream_t);                                                               \
   template cudaError_t tau_from_gram<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                           \
@@ -205,8 +231,8 @@ cudaError_t dense_dV(const T* A, const T* Bt, const T* V, const T* dtau, const T
   template cudaError_t t_backward_tail<T>(const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t,       \
                                           cudaStream_t);                                                          \
   template cudaError_t product_dV<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, cudaStream_t);   \
-  template cudaError_t dense_dV<T>(const T*, const T*, const T*, const T*, const T*, T*, int64_t, int64_t,        \
-                                   int64_t, cudaStream_t);
+  template cudaError_t dense_dV<T>(const T*, const T*, const T*, const T*, const T*, const T*, T*, int64_t,       \
+                                   int64_t, int64_t, cudaStream_t);
 
 OPT_FAST_INSTANTIATE(float)
 OPT_FAST_INSTANTIATE(double)
