@@ -16,9 +16,11 @@ All three ops are one computation, out = X - Y T (Yᵀ X):
 
 H(v) does not depend on ||v||, but vᵀv over- or underflows long before v does (float32 from |v| ~ 1e±19):
 the dense ops first divide each reflector by a power of two p that brings max_i |v_i| into [1, 2)
-(`_reflector_scale`, the rescaling of LAPACK's larfg). Dividing by a power of two is exact, so inputs in
-the normal range give the same bits as without it; the gradient of a scale-invariant function is the
-gradient at v/p divided by p. Every kernel (C++ CPU and CUDA) applies the same rule.
+(`_reflector_scale`; LAPACK's larfg rescales tiny reflectors likewise). Dividing by a power of two is exact,
+so inputs in the normal range give the same bits as without it; the gradient of a scale-invariant function
+is the gradient at v/p divided by p. The kernels apply the same rule: CUDA's level-3 path to every
+reflector, the CPU kernels and CUDA's small path only where vᵀv leaves the range in which it is safe (the
+same bits either way).
 
 The backward recomputes T from Y (k² extra memory, nothing stored per reflector) and differentiates the
 same four level-3 steps in reverse: see `_ut_backward`.
