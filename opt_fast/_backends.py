@@ -5,7 +5,7 @@ reference. ``OPT_FAST_DISABLE_EXT=1`` forces the references; ``OPT_FAST_REQUIRE_
 missing or broken extension into an import error instead of a warning.
 """
 import os
-from typing import Dict, Optional, Set
+from typing import Callable, Dict, Optional, Set
 
 import torch
 
@@ -13,6 +13,9 @@ from ._ops import ALL_OPS
 
 ext_error: Optional[BaseException] = None   # why opt_fast._C did not load, if it did not
 triton_ops: Set[str] = set()                # ops whose CUDA kernel is a Triton launcher
+# functional.orthogonalize_approx's CUDA kernel when Triton is available (set by _register, so that
+# functional never imports opt_fast.triton_kernels, which imports functional)
+triton_approx: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
 
 
 def env_flag(name: str) -> bool:

@@ -7,7 +7,8 @@
    through the vector-Jacobian product of their reference, which is written in differentiable torch ops;
    forward-mode AD (a tangent on an input) takes its derivatives from the references too (_forward_ad.py);
 4. the C++ extension ``opt_fast._C`` (CPU, and CUDA when built), unless ``OPT_FAST_DISABLE_EXT=1``;
-5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``).
+5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``),
+   and functional.orthogonalize_approx's Triton kernel (``_backends.triton_approx``).
 """
 import functools
 import logging
@@ -300,10 +301,13 @@ def _load_extension():
 # ---- 5. Triton ------------------------------------------------------------------------------------
 def _load_triton():
     try:
-        from .triton_kernels import LAUNCHERS
+        from .triton_kernels import HAS_TRITON, LAUNCHERS
     except ImportError as e:
         log.info("opt_fast.triton_kernels not available (%s)", e)
         return
+    if HAS_TRITON:
+        from .triton_kernels.lowdin import orthogonalize_approx
+        _backends.triton_approx = orthogonalize_approx
     force = os.environ.get("OPT_FAST_CUDA_BACKEND", "").lower() == "triton"
     for op, launcher in LAUNCHERS.items():
         if force or not _backends.has_kernel(op, "CUDA"):

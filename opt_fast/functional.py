@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _backends, _checks
 
 _ops = torch.ops.opt_fast
 
@@ -18,12 +18,14 @@ def householder_product(V: Tensor, tau: Tensor) -> Tensor:
 
 def householder_orthogonal(V: Tensor) -> Tensor:
     """H(v_1)…H(v_k) with H(v) = I - 2vvᵀ/vᵀv for the dense columns v_i of V: [..., d, k] -> [..., d, d].
-    A zero column is the identity reflector."""
+    A zero column is the identity reflector. The length of a column does not matter, over the whole
+    floating-point range (each is rescaled by a power of two before vᵀv is formed)."""
     return _ops.householder_orthogonal(V)
 
 
 def householder_apply(V: Tensor, X: Tensor) -> Tensor:
-    """H(v_1)…H(v_k) X without forming the d×d product. V: [..., d, k], X: [..., d, n] -> [..., d, n]."""
+    """H(v_1)…H(v_k) X without forming the d×d product. V: [..., d, k], X: [..., d, n] -> [..., d, n].
+    Reflectors as in ``householder_orthogonal``."""
     return _ops.householder_apply(V, X)
 
 
@@ -69,14 +71,8 @@ def orthogonalize_approx(G: Tensor, steps: int = 5) -> Tensor:
     On CUDA with Triton: the Triton kernels, products in bfloat16 with float32 accumulation (real input);
     elsewhere plain torch in the input's precision. Not differentiable (an optimizer update)."""
     _checks.orthogonalize_approx(G, steps)
-    if G.is_cuda and not G.is_complex():
-        try:
-            from .triton_kernels import HAS_TRITON
-            if HAS_TRITON:
-                from .triton_kernels.lowdin import orthogonalize_approx as _triton
-                return _triton(G, steps)
-        except ImportError:
-            pass
+    if G.is_cuda and not G.is_complex() and _backends.triton_approx is not None:
+        return _backends.triton_approx(G, steps)
     return _orthogonalize_approx_torch(G, steps)
 
 

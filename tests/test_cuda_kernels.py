@@ -8,6 +8,8 @@ project's rule max|op - ref64| <= 2 max|torch32 - ref64| + atol, where torch32 i
 result on the same GPU (torch.linalg.householder_product / a rank-1 reflection loop / torch.linalg.qr, and
 their autograd for the backwards). OPT_FAST_CUDA_SMALL=0 forces the level-3 path where the one-launch
 small-d path would serve, so both are covered.
+
+Over 400 lines: the tests of every C++ CUDA kernel in one file, which a GPU session runs as one.
 """
 import re
 
@@ -312,6 +314,90 @@ def test_product_ignores_unread_part_of_V():
             close64(ops.householder_product(to(Vd, F64), to(tau, F64)), RH.householder_product_ref(V, tau))
     dV, _ = ops.householder_product_backward(to(torch.randn(30, 20, dtype=F64), F64), to(Vd, F64), to(tau, F64))
     assert (dV.triu() == 0).all() and (dV[:, 12:] == 0).all()
+
+
+# ---- reflector scaling of the dense ops --------------------------------------------------------------------
+# H(v) does not depend on |v|; both paths divide each reflector by a power of two before forming vᵀv (which
+# over- or underflowed: all NaN for tiny v, the identity for huge v, and the two paths disagreed on tiny float32
+# reflectors, cuBLAS's vᵀv underflowing to tau = 0 while the small path accumulated in double).
+
+SCALES = {F32: [1e-30, 1e-20, 1e-10, 1e10, 1e20, 1e30], F64: [1e-300, 1e-200, 1e-20, 1e20, 1e200, 1e300]}
+POW2 = {F32: [-100, -30, 30, 100], F64: [-900, -300, 300, 900]}
+
+
+def close_eps(a, b, dtype, what):
+    """|a - b| <= 100 eps max(1, |b|): the rounding of V·s perturbs the result by a few eps."""
+    assert not a.isnan().any(), f"{what}: NaN"
+    close_rel(a, b, 100 * torch.finfo(dtype).eps)
+
+
+@with_paths
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("d,k,n", [(27, 27, 5), (100, 60, 7), (160, 160, 3), (513, 100, 60)])
+def test_dense_scale_invariance(d, k, n, dtype, path):
+    V, X = to(torch.randn(2, d, k, dtype=F64), dtype), to(torch.randn(2, d, n, dtype=F64), dtype)
+    Q0, Y0 = ops.householder_orthogonal(V), ops.householder_apply(V, X)
+    for s in SCALES[dtype]:
+        close_eps(ops.householder_orthogonal(V * s), Q0, dtype, f"householder_orthogonal, scale {s:g}")
+        close_eps(ops.householder_apply(V * s, X), Y0, dtype, f"householder_apply, scale {s:g}")
+    # per-column scales over the whole range, one zero column (the identity reflector)
+    V[..., 1] = 0
+    top = 30 if dtype == F32 else 300
+    cs = to(10.0 ** (torch.rand(k, dtype=F64) * 2 * top - top), F64)
+    Vs = (V.double() * cs).to(dtype)
+    close_eps(ops.householder_orthogonal(Vs), ops.householder_orthogonal(V), dtype, "per-column scales")
+    close_eps(ops.householder_apply(Vs, X), ops.householder_apply(V, X), dtype, "per-column scales (apply)")
+    # powers of two are exact: the same problem in every bit (on the small path, whose reductions are ours;
+    # cuBLAS does not promise bitwise reproducibility, so the level-3 path gets a tight tolerance)
+    Q0, Y0 = ops.householder_orthogonal(V), ops.householder_apply(V, X)
+    for e in POW2[dtype]:
+        Q, Y = ops.householder_orthogonal(V * 2.0 ** e), ops.householder_apply(V * 2.0 ** e, X)
+        if path == "small" and d <= 160:
+            assert torch.equal(Q, Q0) and torch.equal(Y, Y0), e
+        else:
+            close_rel(Q, Q0, 4 * torch.finfo(dtype).eps)
+            close_rel(Y, Y0, 4 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("d,k,n", [(27, 27, 5), (64, 64, 64), (160, 100, 7)])
+def test_dense_paths_agree_on_tiny_and_huge_reflectors(d, k, n, dtype, monkeypatch):
+    V, X = to(torch.randn(3, d, k, dtype=F64), dtype), to(torch.randn(3, d, n, dtype=F64), dtype)
+    Q0 = ops.householder_orthogonal(V)
+    for s in ([1e-25, 1e-20, 1e20, 1e25] if dtype == F32 else [1e-160, 1e-155, 1e155, 1e160]):
+        monkeypatch.delenv("OPT_FAST_CUDA_SMALL", raising=False)
+        small = ops.householder_orthogonal(V * s), ops.householder_apply(V * s, X)
+        monkeypatch.setenv("OPT_FAST_CUDA_SMALL", "0")
+        level3 = ops.householder_orthogonal(V * s), ops.householder_apply(V * s, X)
+        close_eps(small[0], level3[0], dtype, f"orthogonal, small vs level-3 path, scale {s:g}")
+        close_eps(small[1], level3[1], dtype, f"apply, small vs level-3 path, scale {s:g}")
+        close_eps(level3[0], Q0, dtype, f"orthogonal, level-3 path against the unscaled result, scale {s:g}")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("d,k,n", [(27, 27, 5), (160, 100, 7), (513, 513, 64)])
+def test_dense_backward_scales_like_one_over_the_scale(d, k, n, dtype):
+    # f(sV) = f(V), so s ∇f(sV) = ∇f(V); the gradient w.r.t. X does not depend on s
+    V, X = to(torch.randn(2, d, k, dtype=F64), dtype), to(torch.randn(2, d, n, dtype=F64), dtype)
+    G, GX = to(torch.randn(2, d, d, dtype=F64), dtype), to(torch.randn(2, d, n, dtype=F64), dtype)
+    dV0 = ops.householder_orthogonal_backward(G, V)
+    aV0, aX0 = ops.householder_apply_backward(GX, V, X)
+    for s in ([1e-20, 1e20] if dtype == F32 else [1e-20, 1e20, 1e-200, 1e200]):
+        close_eps(ops.householder_orthogonal_backward(G, V * s) * s, dV0, dtype, f"orthogonal dV, scale {s:g}")
+        aV, aX = ops.householder_apply_backward(GX, V * s, X)
+        close_eps(aV * s, aV0, dtype, f"apply dV, scale {s:g}")
+        close_eps(aX, aX0, dtype, f"apply dX, scale {s:g}")
+
+
+@with_paths
+@pytest.mark.parametrize("scale", [1e-20, 1e20, "mixed"])
+def test_dense_gradcheck_at_scale(scale, path):
+    k = 4
+    s = to(torch.tensor([1e-20, 1.0, 1e20, 1e-5], dtype=F64), F64) if scale == "mixed" else scale
+    U = to(torch.randn(6, k, dtype=F64), F64).requires_grad_(True)
+    X = to(torch.randn(6, 3, dtype=F64), F64).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda U: ops.householder_orthogonal(U * s), (U,))
+    assert torch.autograd.gradcheck(lambda U, X: ops.householder_apply(U * s, X), (U, X))
 
 
 # ---- gram_schmidt ---------------------------------------------------------------------------------------

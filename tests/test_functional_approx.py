@@ -110,3 +110,16 @@ def test_cuda_entry_validates_and_complex_takes_the_torch_path():
                                rtol=0, atol=1e-4)
     X = orthogonalize_approx(torch.randn(2, 40, 24, device="cuda"))  # the Triton kernels (bf16 products)
     assert X.dtype == torch.float32 and X.shape == (2, 40, 24)
+
+
+def test_cuda_route_is_the_triton_kernel_when_triton_loads():
+    # functional reaches the Triton kernel through _backends (it must not import opt_fast.triton_kernels,
+    # which imports functional): registered exactly when Triton is available
+    from opt_fast import _backends
+    from opt_fast.triton_kernels import HAS_TRITON
+
+    assert (_backends.triton_approx is not None) == HAS_TRITON
+    if HAS_TRITON:
+        from opt_fast.triton_kernels.lowdin import orthogonalize_approx as triton_approx
+
+        assert _backends.triton_approx is triton_approx

@@ -1,4 +1,5 @@
-"""The C++ CPU Householder kernels (csrc/cpu/householder.cpp) against the reference (the spec).
+"""The C++ CPU Householder kernels (csrc/cpu/householder_{product,orthogonal,apply}.cpp) against the reference
+(the spec). One file for the three ops (~450 lines): they share the cases, the helpers and most tests.
 
 Every forward and backward op is called directly through torch.ops.opt_fast (CPU tensors reach the C++
 kernel) and compared with opt_fast.reference.householder_*_ref / *_backward_ref:

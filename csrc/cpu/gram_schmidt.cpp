@@ -58,7 +58,7 @@ namespace {
 using at::Tensor;
 
 // Panel width of the structured (triangular) products of the backward: GEMMs much narrower than 128 run
-// far from peak on this machine, wider panels waste flops on zero triangles (as in householder.cpp).
+// far from peak on this machine, wider panels waste flops on zero triangles (as in householder_panels.h).
 constexpr int64_t kPanel = 128;
 
 void check_forward(const Tensor& P, int64_t block_size) {

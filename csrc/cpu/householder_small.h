@@ -1,6 +1,7 @@
-// Householder forwards for small matrices, one reflector at a time (included by householder.cpp).
+// Householder forwards for small matrices, one reflector at a time (included by householder_product.cpp,
+// householder_orthogonal.cpp and householder_apply.cpp).
 //
-// Why: at d = 27 the level-3 UT form of householder.cpp spends ~120 µs in about twenty ATen calls around
+// Why: at d = 27 the level-3 UT form (householder_ut.h) spends ~120 µs in about twenty ATen calls around
 // ~10 µs of arithmetic (torch's orgqr: 22 µs). Below kSmallD one tight pass per matrix wins: the same
 // O(d²k) flops, level 2, but each matrix and its work vector stay in L1 (64×64 doubles = 32 KB), and the
 // batch is split across threads with at::parallel_for. Backward ops keep the UT form (its cost there is
@@ -9,6 +10,7 @@
 // All three apply H_1 ... H_k to a matrix from the last reflector to the first: M <- M - tau v (vᵀ M).
 #pragma once
 
+#include "householder_ut.h"
 #include "small_matrix.h"
 
 #include <algorithm>
@@ -73,13 +75,25 @@ void product(const at::Tensor& Q, const at::Tensor& V3, const at::Tensor& tau2) 
   });
 }
 
-// tau = 2/‖v‖² (0 for the zero vector: the identity reflector), as the reference's _dense_tau.
+// v = column i of V and its tau = 2/‖v‖² (0 for the zero vector: the identity reflector), as the
+// reference's _dense_tau; where ‖v‖² over- or underflows, v is first rescaled by a power of two
+// (householder_ut.h), as the reference's _reflector_scale.
 template <typename T>
 inline T dense_tau(const T* V, int64_t d, int64_t k, int64_t i, T* v) {
   T sq = 0;
   for (int64_t r = 0; r < d; ++r) {
     v[r] = V[r * k + i];
     sq += v[r] * v[r];
+  }
+  if (householder::norm2_out_of_range(sq)) {
+    T amax = 0;
+    for (int64_t r = 0; r < d; ++r) amax = std::max(amax, std::abs(v[r]));
+    const T s = householder::reflector_inv_scale(amax);
+    sq = 0;
+    for (int64_t r = 0; r < d; ++r) {
+      v[r] *= s;
+      sq += v[r] * v[r];
+    }
   }
   return sq > 0 ? T(2) / sq : T(0);
 }

@@ -1,7 +1,10 @@
 // Pure-CUDA kernels of the Householder ops (no torch headers): raw pointers, sizes, strides in elements,
 // a stream; each launcher returns the launch's cudaError_t (cudaSuccess for empty work: nothing launched).
-// Instantiated for float and double. The torch glue is csrc/cuda/householder_cuda.cpp; the maths is the
-// UT / compact-WY form of opt_fast/reference/householder.py and csrc/cpu/householder.cpp.
+// Instantiated for float and double; the small-d path is householder_small_kernels.cu, the pieces of the
+// level-3 path householder_ut_kernels.cu. The torch glue is householder_<op>_cuda.cpp with the shared
+// householder_ut_cuda.h; the maths is the UT / compact-WY form of opt_fast/reference/householder.py and
+// csrc/cpu/householder_ut.h. The dense ops rescale every reflector by a power of two first (the rule:
+// householder_scale.cuh), on both paths.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -15,7 +18,8 @@ namespace cuda {
 // ---- small-d path: the whole op, one launch, one thread block per matrix ---------------------------
 enum class SmallMode : int {
   kProduct = 0,  // LAPACK reflectors: unit-lower V[:, :k] with tau given, X = I[:, :n]
-  kDense = 1,    // dense V, tau = 2/||v||² (0 unless > 0), X = I (orthogonal) or X given (apply)
+  kDense = 1,    // dense V (each column rescaled), tau = 2/||v||² (0 unless > 0), X = I (orthogonal) or X given
+                 // (apply)
 };
 
 // Shared-memory bytes of householder_small for an m×n output.
@@ -37,6 +41,13 @@ cudaError_t householder_small(SmallMode mode, const T* V, int64_t vsb, int64_t v
 template <typename T>
 cudaError_t unit_lower(const T* V, int64_t vsb, int64_t vsr, int64_t vsc, T* Y, int64_t B, int64_t m, int64_t k,
                        cudaStream_t stream);
+
+// out (contiguous [B, d, k]) = V (strides vsb, vsr, vsc) with column c multiplied by inv[b, c], the
+// reciprocal of the power of two that brings amax[b, c] = max_i |V[b, i, c]| into [1, 2)
+// (reflector_inv_scale); inv (contiguous [B, k]) is written too. amax: contiguous [B, k].
+template <typename T>
+cudaError_t rescale_reflectors(const T* V, int64_t vsb, int64_t vsr, int64_t vsc, const T* amax, T* out, T* inv,
+                               int64_t B, int64_t d, int64_t k, cudaStream_t stream);
 
 // tau[b, i] = 2 / N[b, i, i] where N[b, i, i] > 0, else 0 (N contiguous [B, k, k], tau contiguous [B, k]).
 template <typename T>
@@ -67,11 +78,12 @@ template <typename T>
 cudaError_t product_dV(const T* dY, const T* dW1, T* dV, int64_t B, int64_t m, int64_t n, int64_t k,
                        cudaStream_t stream);
 
-// The dense ops' dV (contiguous [B, d, k]): dV[i, c] = A[i, c] + (Bt ? Bt[c, i] : 0) - dtau_c tau_c² V[i, c]
-// (A, V [B, d, k], Bt [B, k, d], dtau, tau [B, k]; all contiguous).
+// The dense ops' dV (contiguous [B, d, k]) from the gradient at the rescaled reflectors V:
+// dV[i, c] = (A[i, c] + (Bt ? Bt[c, i] : 0) - dtau_c tau_c² V[i, c]) inv_c
+// (A, V [B, d, k], Bt [B, k, d], dtau, tau, inv [B, k]; all contiguous).
 template <typename T>
-cudaError_t dense_dV(const T* A, const T* Bt, const T* V, const T* dtau, const T* tau, T* dV, int64_t B, int64_t d,
-                     int64_t k, cudaStream_t stream);
+cudaError_t dense_dV(const T* A, const T* Bt, const T* V, const T* dtau, const T* tau, const T* inv, T* dV, int64_t B,
+                     int64_t d, int64_t k, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace opt_fast

@@ -12,11 +12,10 @@ from .block import OPTBlockLinear
 from .block_methods import BLOCK_METHODS
 from .convert import convert, merge
 from .group import BlockGroup, Grouping, LayerGroup, group_layers, ungroup
-from .layers import OPTConv1d, OPTConv2d, OPTLayer, OPTLinear
+from .layers import OPTConv1d, OPTConv2d, OPTLayer, OPTLinear, resample
 from .merging import MergeSchedule, merge_and_reset
 from .methods import INITS, METHODS
 from .regularization import orth_reg_loss
-from .stochastic import resample
 
 __all__ = ["OPTLayer", "OPTLinear", "OPTConv1d", "OPTConv2d", "OPTMultiheadAttention", "OPTBlockLinear", "convert",
            "merge", "merge_and_reset", "MergeSchedule", "group_layers", "ungroup", "Grouping", "LayerGroup",

@@ -170,9 +170,21 @@ class OPTLayer(nn.Module):
                 V = V @ R
         self.W0.copy_(V.reshape(self.W0.shape))
 
+    @torch.no_grad()
     def resample(self, optimizer=None, generator: Optional[torch.Generator] = None) -> None:
         """Stochastic OPT: merge R_s into W0, reset P_s to I and draw a new subset (see stochastic.py)."""
-        _stoch.resample_layer(self, optimizer=optimizer, generator=generator)
+        if self.stochastic is None:
+            raise ValueError(f"opt_fast.nn: resample needs a stochastic OPT layer, got {type(self).__name__} "
+                             f"with stochastic=None")
+        # Merge: W0 <- the effective weight (only the columns I change).
+        self.W0.copy_(self.effective_weight())
+        P = self.learnable
+        P.copy_(self.method.init(P.shape, "identity", P.dtype, P.device))
+        self.idx.copy_(_stoch.sample_indices(self.fan_in, self.in_channels, self.stochastic, self.sample,
+                                             generator=generator, device=self.idx.device))
+        if optimizer is not None:  # momentum of the old subset means nothing for the new one
+            optimizer.state.pop(P, None)
+        self._refresh_warm_start()
 
     # ---- state_dict ---------------------------------------------------------------------------------------
     def get_extra_state(self):
@@ -275,3 +287,26 @@ class OPTConv2d(_OPTConvNd):
                  num_reflectors: Optional[int] = None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, method, init, stochastic, sample, num_reflectors, device, dtype)
+
+
+@torch.no_grad()
+def resample(model: nn.Module, optimizer=None, reset_bn: bool = False,
+             generator: Optional[torch.Generator] = None) -> int:
+    """End an S-OPT episode for every stochastic layer of ``model``; returns how many were resampled.
+
+    optimizer: if given, the optimizer state (momentum) of each P_s is dropped; the released code keeps it.
+    reset_bn: reproduce the released code's side effect (gamma=1, beta=0 of the first BatchNorm that
+    follows each stochastic layer in module order, before the next OPT layer). Running stats are kept.
+    """
+    count, pending_bn = 0, False
+    for module in model.modules():
+        if isinstance(module, OPTLayer):
+            pending_bn = False
+            if module.stochastic is not None:
+                module.resample(optimizer=optimizer, generator=generator)
+                count, pending_bn = count + 1, reset_bn
+        elif pending_bn and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+            pending_bn = False
+    return count

@@ -14,6 +14,14 @@ All three ops are one computation, out = X - Y T (Yᵀ X):
   householder_orthogonal(V)    Y = V dense, tau = 2/||v||² (0 for v = 0), X = I      (H(v) = I - 2vvᵀ/vᵀv)
   householder_apply(V, X)      Y = V dense, tau = 2/||v||², X given                  (never forms the d×d product)
 
+H(v) does not depend on ||v||, but vᵀv over- or underflows long before v does (float32 from |v| ~ 1e±19):
+the dense ops first divide each reflector by a power of two p that brings max_i |v_i| into [1, 2)
+(`_reflector_scale`; LAPACK's larfg rescales tiny reflectors likewise). Dividing by a power of two is exact,
+so inputs in the normal range give the same bits as without it; the gradient of a scale-invariant function
+is the gradient at v/p divided by p. The kernels apply the same rule: CUDA's level-3 path to every
+reflector, the CPU kernels and CUDA's small path only where vᵀv leaves the range in which it is safe (the
+same bits either way).
+
 The backward recomputes T from Y (k² extra memory, nothing stored per reflector) and differentiates the
 same four level-3 steps in reverse: see `_ut_backward`.
 """
@@ -63,6 +71,21 @@ def _unit_lower(V: Tensor, k: int) -> Tensor:
     return V[..., :k].tril(-1) + torch.eye(m, k, dtype=V.dtype, device=V.device)
 
 
+def _reflector_scale(V: Tensor) -> Tensor:
+    """p [..., 1, k]: per reflector the power of two 2^(e-1) with max_i |v_i| = m·2^e, m in [1/2, 1) (frexp),
+    so that max |v/p| lies in [1, 2); at least the smallest normal number (a column of subnormals still
+    scales exactly), and 1 for a zero or non-finite column (the identity or NaN, as without scaling).
+    Piecewise constant in V, so it carries no gradient."""
+    V = V.detach()
+    if V.shape[-2] == 0:
+        return torch.ones_like(V[..., :1, :])
+    amax = V.abs().amax(-2, keepdim=True)
+    ok = torch.isfinite(amax) & (amax > 0)
+    mant, _ = torch.frexp(torch.where(ok, amax, torch.ones_like(amax)))
+    p = torch.where(ok, amax / (2 * mant), torch.ones_like(amax))  # exact: amax / (2m) = 2^(e-1)
+    return p.clamp_min(torch.finfo(V.dtype).tiny)
+
+
 def _dense_tau(V: Tensor) -> Tensor:
     """tau = 2/||v||² for H(v) = I - 2vvᵀ/vᵀv; a zero vector gives tau = 0, the identity reflector."""
     sq = (V * V).sum(-2)
@@ -97,6 +120,7 @@ def householder_product_backward_ref(grad: Tensor, V: Tensor, tau: Tensor) -> Tu
 def householder_orthogonal_ref(V: Tensor) -> Tensor:
     _checks.householder_orthogonal(V)
     d = V.shape[-2]
+    V = V / _reflector_scale(V)
     T, _, _ = _ut_factor(V, _dense_tau(V))
     return torch.eye(d, dtype=V.dtype, device=V.device) - V @ (T @ V.mT)
 
@@ -109,23 +133,28 @@ def _dense_tau_backward(V: Tensor, tau: Tensor, dtau: Tensor) -> Tensor:
 def householder_orthogonal_backward_ref(grad: Tensor, V: Tensor) -> Tensor:
     d = V.shape[-2]
     _checks.grad_like("householder_orthogonal_backward", grad, V.shape[:-1] + (d,))
+    p = _reflector_scale(V)
+    V = V / p
     tau = _dense_tau(V)
     dY, dtau, dW1 = _ut_backward(grad, V, tau, V.mT)
-    return dY + dW1.mT + _dense_tau_backward(V, tau, dtau)
+    return (dY + dW1.mT + _dense_tau_backward(V, tau, dtau)) / p
 
 
 # ---- householder_apply: H(v_1)…H(v_k) X -------------------------------------------------------------
 
 def householder_apply_ref(V: Tensor, X: Tensor) -> Tensor:
     _checks.householder_apply(V, X)
+    V = V / _reflector_scale(V)
     T, _, _ = _ut_factor(V, _dense_tau(V))
     return X - V @ (T @ (V.mT @ X))
 
 
 def householder_apply_backward_ref(grad: Tensor, V: Tensor, X: Tensor) -> Tuple[Tensor, Tensor]:
     _checks.grad_like("householder_apply_backward", grad, X.shape)
+    p = _reflector_scale(V)
+    V = V / p
     tau = _dense_tau(V)
     dY, dtau, dW1 = _ut_backward(grad, V, tau, V.mT @ X)
-    dV = dY + X @ dW1.mT + _dense_tau_backward(V, tau, dtau)
+    dV = (dY + X @ dW1.mT + _dense_tau_backward(V, tau, dtau)) / p
     dX = grad + V @ dW1
     return dV, dX

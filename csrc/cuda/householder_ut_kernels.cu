@@ -1,20 +1,15 @@
-// CUDA kernels of the Householder ops (declarations and contracts: householder_kernels.cuh).
-//
-// Two paths, chosen by the glue (householder_cuda.cpp):
-//  * small d (m <= 160 rows, the matrix in shared memory): householder_small does the whole forward in one
-//    launch, one thread block per matrix: start from X (or I[:, :n]) and apply H_{k-1}, ..., H_0 as rank-1
-//    updates X <- X - tau y (yᵀ X), the backward accumulation of LAPACK's org2r (backward stable). The k
-//    steps are sequential inside the block, which at this size costs less than the ~15 launches of the
-//    level-3 path (d <= 64 is launch-latency bound: docs/performance.md).
-//  * otherwise the level-3 UT form, H_0…H_{k-1} = I - Y T Yᵀ, T = (I + D N)⁻¹ D, N = striu(YᵀY): the
-//    products are cuBLAS batched GEMMs in the glue; these kernels do what cuBLAS cannot: the unit-lower
-//    extraction, tau from the Gram diagonal, T's diagonal leaves by substitution, I - Q, and the
-//    elementwise tails of the backward. Each is one launch over the whole batch.
-// Dot products and substitutions accumulate in double (also for float data): it costs little here and
-// keeps the float32 error at or below that of torch's own float32 routines.
+// The pieces of the level-3 path of the Householder ops (declarations and contracts:
+// householder_kernels.cuh). The UT form, H_0…H_{k-1} = I - Y T Yᵀ, T = (I + D N)⁻¹ D, N = striu(YᵀY): the
+// products are cuBLAS batched GEMMs in the glue (householder_ut_cuda.cpp); these kernels do what cuBLAS
+// cannot: the rescaling of the dense ops' reflectors (householder_scale.cuh), the unit-lower extraction, tau
+// from the Gram diagonal, T's diagonal leaves by substitution, I - Q, and the elementwise tails of the
+// backward. Each is one launch over the whole batch. Substitutions and reductions accumulate in double (also
+// for float data): it costs little here and keeps the float32 error at or below that of torch's own float32
+// routines.
 #include "householder_kernels.cuh"
 
 #include "cuda_utils.cuh"
+#include "householder_scale.cuh"
 
 namespace opt_fast {
 namespace cuda {
@@ -23,61 +18,18 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// ---- small-d path ---------------------------------------------------------------------------------
-
-// Shared memory layout (doubles first, for alignment): scratch[34] | w[n] (double) | y[m] | Q[m·n] (T).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) householder_small_kernel(
-    SmallMode mode, const T* __restrict__ V, int64_t vsb, int64_t vsr, int64_t vsc, const T* __restrict__ tau,
-    int64_t tsb, int64_t tsc, const T* __restrict__ X, int64_t xsb, int64_t xsr, int64_t xsc, T* __restrict__ out,
-    int64_t m, int64_t n, int64_t k) {
-  extern __shared__ double smem[];
-  double* scratch = smem;
-  double* w = smem + 34;
-  T* y = reinterpret_cast<T*>(w + n);
-  T* Q = y + m;
-  const int64_t b = blockIdx.x, mn = m * n;
-  const T* Vb = V + b * vsb;
-
-  for (int64_t e = threadIdx.x; e < mn; e += blockDim.x) {
-    const int64_t i = e / n, c = e % n;
-    Q[e] = X ? X[b * xsb + i * xsr + c * xsc] : T(i == c ? 1 : 0);
+__global__ void rescale_reflectors_kernel(const T* __restrict__ V, int64_t vsb, int64_t vsr, int64_t vsc,
+                                          const T* __restrict__ amax, T* __restrict__ out, T* __restrict__ inv,
+                                          int64_t B, int64_t d, int64_t k) {
+  const int64_t total = B * d * k;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = e % k, i = (e / k) % d, b = e / (d * k);
+    const T s = reflector_inv_scale(amax[b * k + c]);
+    out[e] = V[b * vsb + i * vsr + c * vsc] * s;
+    if (i == 0) inv[b * k + c] = s;
   }
-  for (int64_t j = k - 1; j >= 0; --j) {
-    double tj;
-    if (mode == SmallMode::kProduct) {
-      for (int64_t i = threadIdx.x; i < m; i += blockDim.x)
-        y[i] = i < j ? T(0) : (i == j ? T(1) : Vb[i * vsr + j * vsc]);
-      tj = static_cast<double>(tau[b * tsb + j * tsc]);
-      __syncthreads();
-    } else {
-      double sq = 0.0;
-      for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-        const T v = Vb[i * vsr + j * vsc];
-        y[i] = v;
-        sq += static_cast<double>(v) * static_cast<double>(v);
-      }
-      sq = block_sum(sq, scratch);  // synchronises: y is complete afterwards
-      tj = sq > 0.0 ? 2.0 / sq : 0.0;  // NaN column: tau 0, and the NaN still reaches Q through y
-    }
-    // w = yᵀ Q, one thread per column (consecutive threads, consecutive addresses)
-    for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-      double acc = 0.0;
-      for (int64_t i = 0; i < m; ++i) acc += static_cast<double>(y[i]) * static_cast<double>(Q[i * n + c]);
-      w[c] = acc;
-    }
-    __syncthreads();
-    for (int64_t e = threadIdx.x; e < mn; e += blockDim.x) {
-      const int64_t i = e / n, c = e % n;
-      Q[e] = static_cast<T>(static_cast<double>(Q[e]) - tj * static_cast<double>(y[i]) * w[c]);
-    }
-    __syncthreads();  // Q complete before the next w; y and w free to overwrite
-  }
-  T* ob = out + b * mn;
-  for (int64_t e = threadIdx.x; e < mn; e += blockDim.x) ob[e] = Q[e];
 }
-
-// ---- level-3 path pieces -----------------------------------------------------------------------------
 
 template <typename T>
 __global__ void unit_lower_kernel(const T* __restrict__ V, int64_t vsb, int64_t vsr, int64_t vsc, T* __restrict__ Y,
@@ -185,15 +137,15 @@ __global__ void product_dV_kernel(const T* __restrict__ dY, const T* __restrict_
 
 template <typename T>
 __global__ void dense_dV_kernel(const T* __restrict__ A, const T* __restrict__ Bt, const T* __restrict__ V,
-                                const T* __restrict__ dtau, const T* __restrict__ tau, T* __restrict__ dV, int64_t B,
-                                int64_t d, int64_t k) {
+                                const T* __restrict__ dtau, const T* __restrict__ tau, const T* __restrict__ inv,
+                                T* __restrict__ dV, int64_t B, int64_t d, int64_t k) {
   const int64_t total = B * d * k;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = e % k, i = (e / k) % d, b = e / (d * k);
     const T t = tau[b * k + c];
     T v = A[e] - dtau[b * k + c] * t * t * V[e];
     if (Bt) v += Bt[b * k * d + c * d + i];
-    dV[e] = v;
+    dV[e] = v * inv[b * k + c];
   }
 }
 
@@ -201,34 +153,12 @@ __global__ void dense_dV_kernel(const T* __restrict__ A, const T* __restrict__ B
 
 // ---- launchers ----------------------------------------------------------------------------------------
 
-size_t householder_small_smem_bytes(int64_t m, int64_t n, size_t elem_size) {
-  return sizeof(double) * static_cast<size_t>(34 + n) + elem_size * static_cast<size_t>(m + m * n);
-}
-
-cudaError_t householder_small_smem_limit(size_t* bytes) {
-  int dev = 0, v = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return err;
-  *bytes = static_cast<size_t>(v);
-  return cudaSuccess;
-}
-
 template <typename T>
-cudaError_t householder_small(SmallMode mode, const T* V, int64_t vsb, int64_t vsr, int64_t vsc, const T* tau,
-                              int64_t tsb, int64_t tsc, const T* X, int64_t xsb, int64_t xsr, int64_t xsc, T* out,
-                              int64_t B, int64_t m, int64_t n, int64_t k, cudaStream_t stream) {
-  if (B <= 0 || m <= 0 || n <= 0) return cudaSuccess;
-  if (B > 0x7fffffff) return cudaErrorInvalidValue;  // one block per matrix
-  const size_t smem = householder_small_smem_bytes(m, n, sizeof(T));
-  if (smem > 48 * 1024) {  // above the default limit a kernel must opt in
-    const cudaError_t err = cudaFuncSetAttribute(householder_small_kernel<T>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  householder_small_kernel<T><<<static_cast<unsigned>(B), kThreads, smem, stream>>>(
-      mode, V, vsb, vsr, vsc, tau, tsb, tsc, X, xsb, xsr, xsc, out, m, n, k);
+cudaError_t rescale_reflectors(const T* V, int64_t vsb, int64_t vsr, int64_t vsc, const T* amax, T* out, T* inv,
+                               int64_t B, int64_t d, int64_t k, cudaStream_t stream) {
+  if (B * d * k <= 0) return cudaSuccess;
+  rescale_reflectors_kernel<T><<<grid_for(B * d * k, kThreads), kThreads, 0, stream>>>(V, vsb, vsr, vsc, amax, out,
+                                                                                       inv, B, d, k);
   return cudaGetLastError();
 }
 
@@ -283,17 +213,16 @@ cudaError_t product_dV(const T* dY, const T* dW1, T* dV, int64_t B, int64_t m, i
 }
 
 template <typename T>
-cudaError_t dense_dV(const T* A, const T* Bt, const T* V, const T* dtau, const T* tau, T* dV, int64_t B, int64_t d,
-                     int64_t k, cudaStream_t stream) {
+cudaError_t dense_dV(const T* A, const T* Bt, const T* V, const T* dtau, const T* tau, const T* inv, T* dV, int64_t B,
+                     int64_t d, int64_t k, cudaStream_t stream) {
   if (B * d * k <= 0) return cudaSuccess;
-  dense_dV_kernel<T><<<grid_for(B * d * k, kThreads), kThreads, 0, stream>>>(A, Bt, V, dtau, tau, dV, B, d, k);
+  dense_dV_kernel<T><<<grid_for(B * d * k, kThreads), kThreads, 0, stream>>>(A, Bt, V, dtau, tau, inv, dV, B, d, k);
   return cudaGetLastError();
 }
 
 #define OPT_FAST_INSTANTIATE(T)                                                                                    \
-  template cudaError_t householder_small<T>(SmallMode, const T*, int64_t, int64_t, int64_t, const T*, int64_t,    \
-                                            int64_t, const T*, int64_t, int64_t, int64_t, T*, int64_t, int64_t,   \
-                                            int64_t, int64_t, cudaStream_t);                                      \
+  template cudaError_t rescale_reflectors<T>(const T*, int64_t, int64_t, int64_t, const T*, T*, T*, int64_t,      \
+                                             int64_t, int64_t, cudaStream_t);                                     \
   template cudaError_t unit_lower<T>(const T*, int64_t, int64_t, int64_t, T*, int64_t, int64_t, int64_t,          \
                                      cudaStream_t);                                                               \
   template cudaError_t tau_from_gram<T>(const T*, T*, int64_t, int64_t, cudaStream_t);                           \
@@ -302,8 +231,8 @@ cudaError_t dense_dV(const T* A, const T* Bt, const T* V, const T* dtau, const T
   template cudaError_t t_backward_tail<T>(const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t,       \
                                           cudaStream_t);                                                          \
   template cudaError_t product_dV<T>(const T*, const T*, T*, int64_t, int64_t, int64_t, int64_t, cudaStream_t);   \
-  template cudaError_t dense_dV<T>(const T*, const T*, const T*, const T*, const T*, T*, int64_t, int64_t,        \
-                                   int64_t, cudaStream_t);
+  template cudaError_t dense_dV<T>(const T*, const T*, const T*, const T*, const T*, const T*, T*, int64_t,       \
+                                   int64_t, int64_t, cudaStream_t);
 
 OPT_FAST_INSTANTIATE(float)
 OPT_FAST_INSTANTIATE(double)
