@@ -291,8 +291,6 @@ def test_same_seed_same_permutations():
         assert sa[0] == sb[0] and (not torch.is_tensor(sa[1]) or torch.equal(sa[1], sb[1])), sa[0]
 
 
-@pytest.mark.xfail(strict=True, reason="householder's identity (pairs of equal reflectors) is drawn from the "
-                   "global RNG at every merge_and_reset, so ranks whose global RNG states differ diverge")
 def test_same_seed_householder_merge():
     a, b = block_model("householder", seed=3), block_model("householder", seed=3)
     torch.randn(100)
@@ -332,8 +330,6 @@ def test_one_map_call_per_block_group(method, map_op):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="a BlockGroup keeps the terms it was built with: after layer.terms = k "
-                   "the grouped forward still uses the old terms, effective_weight() and merges the new ones")
 def test_changed_terms_reach_the_grouped_forward():
     model = block_model("cayley_neumann", "in", terms=1)
     train(model, lr=0.05)

@@ -42,11 +42,6 @@ def _uses(sides: str, side: str) -> bool:
     return sides == "both" or sides == side
 
 
-def _seeded_perm(n: int, seed: int, device) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g).to(device)
-
-
 class OPTBlockLinear(nn.Module):
     """nn.Linear's signature plus the block options: y = x Wᵀ + b with W = R_out W0 R_inᵀ (module docstring).
 
@@ -85,7 +80,7 @@ class OPTBlockLinear(nn.Module):
                 self.register_buffer(f"{side}_perm", None)
                 continue
             b = min(block_size, n)
-            P = self.method.identity(n // b, b, dtype=param_dtype, device=W0.device)
+            P = self.method.identity(n // b, b, dtype=param_dtype, device=W0.device, generator=self._generator(side))
             self.register_parameter(f"{side}_blocks", nn.Parameter(P))
             self.register_buffer(f"{side}_perm", self._draw_perm(side) if permute else None)
         if bias:
@@ -100,10 +95,15 @@ class OPTBlockLinear(nn.Module):
         """b of one side (the block size, or the side's width if that is smaller)."""
         return min(self.block_size, self.in_features if side == "in" else self.out_features)
 
+    def _generator(self, side: str, stream: int = 0) -> torch.Generator:
+        """A CPU generator determined by the layer's seed, its merge count and the side: what every random
+        draw of a reset uses (permutations, Householder's reflector pairs), identical on every DDP rank."""
+        seed = (int(self.perm_seed) * 1_000_003 + 4 * int(self.merges) + 2 * (side == "out") + stream)
+        return torch.Generator().manual_seed(seed % (2**63 - 1))
+
     def _draw_perm(self, side: str) -> Tensor:
         n = self.in_features if side == "in" else self.out_features
-        seed = (int(self.perm_seed) * 1_000_003 + 2 * int(self.merges) + (side == "out")) % (2**63 - 1)
-        return _seeded_perm(n, seed, self.W0.device)
+        return torch.randperm(n, generator=self._generator(side, stream=1)).to(self.W0.device)
 
     def sides_used(self) -> Tuple[str, ...]:
         return tuple(s for s in ("in", "out") if _uses(self.sides, s))
@@ -171,7 +171,7 @@ class OPTBlockLinear(nn.Module):
         for side in self.sides_used():
             P = getattr(self, f"{side}_blocks")
             b = self.side_block(side)
-            P.copy_(self.method.identity(P.shape[0], b, dtype=P.dtype, device=P.device))
+            P.copy_(self.method.identity(P.shape[0], b, dtype=P.dtype, device=P.device, generator=self._generator(side)))
             if optimizer is not None:
                 optimizer.state.pop(P, None)
             if self.permute:

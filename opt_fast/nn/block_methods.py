@@ -14,13 +14,13 @@ before the map, which needs float32 to stay orthogonal.
   (identity init: P = I, or pairs of equal reflectors for Householder). Exact, like ``cayley``: no
   orthogonality error to merge away.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import functional
-from .methods import METHODS
+from .methods import METHODS, pair_reflectors
 
 _ops = torch.ops.opt_fast
 _HALF = (torch.float16, torch.bfloat16)
@@ -36,7 +36,9 @@ class BlockMap:
     def shape(self, nb: int, b: int) -> Tuple[int, ...]:
         raise NotImplementedError
 
-    def identity(self, nb: int, b: int, dtype, device) -> Tensor:
+    def identity(self, nb: int, b: int, dtype, device, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Parameters of R = I. Randomness (Householder's reflector pairs) comes from ``generator`` (a CPU
+        generator), so that layers seeded alike, e.g. on every DDP rank, reset alike."""
         raise NotImplementedError
 
     def rotation(self, P: Tensor, b: int, terms: int) -> Tensor:
@@ -74,7 +76,7 @@ class PackedSkew(BlockMap):
     def shape(self, nb, b):
         return (nb, b * (b - 1) // 2)
 
-    def identity(self, nb, b, dtype, device):
+    def identity(self, nb, b, dtype, device, generator=None):
         return torch.zeros(self.shape(nb, b), dtype=dtype, device=device)
 
     def rotation(self, P, b, terms):
@@ -91,7 +93,10 @@ class DenseBlocks(BlockMap):
     def shape(self, nb, b):
         return (nb, b, b)
 
-    def identity(self, nb, b, dtype, device):
+    def identity(self, nb, b, dtype, device, generator=None):
+        if self.name == "householder":
+            V = torch.randn(self.shape(nb, b), generator=generator, dtype=dtype)
+            return pair_reflectors(V).to(device)
         return self.method.init(self.shape(nb, b), "identity", dtype=dtype, device=device)
 
     def rotation(self, P, b, terms):

@@ -77,14 +77,14 @@ class LayerGroup:
 
 
 class BlockGroup:
-    """The rotation blocks of every block-layer side with the same (method, b, terms, dtype, device): their
+    """The rotation blocks of every block-layer side with the same (method, b, dtype, device): their
     parameters are concatenated along the block dim and mapped by ONE op call per forward of the model."""
 
     def __init__(self, slots: List[Tuple[OPTBlockLinear, str]]):
         self.slots = list(slots)
         self.layers = list(dict.fromkeys(layer for layer, _ in slots))
         layer, side = slots[0]
-        self.method, self.b, self.terms = layer.method, layer.side_block(side), layer.terms
+        self.method, self.b = layer.method, layer.side_block(side)
         self.active = False
         self._cache = None
         self.grouping = None
@@ -97,8 +97,12 @@ class BlockGroup:
     def compute(self) -> Tensor:
         params = [getattr(layer, f"{side}_blocks") for layer, side in self.slots]
         self._sizes = [p.shape[0] for p in params]
+        terms = {layer.terms for layer, _ in self.slots}   # read now: a layer's terms may have been changed
+        if len(terms) > 1:   # the layers no longer agree: one call per side, still correct
+            return torch.cat([layer.method.rotation(p, self.b, layer.terms)
+                              for (layer, _), p in zip(self.slots, params)])
         P = params[0] if len(params) == 1 else torch.cat(params)
-        return self.method.rotation(P, self.b, self.terms)
+        return self.method.rotation(P, self.b, terms.pop())
 
     def attach(self):
         for i, (layer, side) in enumerate(self.slots):
@@ -175,7 +179,7 @@ def group_layers(model: nn.Module) -> Grouping:
         elif isinstance(module, OPTBlockLinear):
             for side in module.sides_used():
                 P = getattr(module, f"{side}_blocks")
-                key = ("block", module.method.name, module.side_block(side), module.terms, P.dtype, P.device)
+                key = ("block", module.method.name, module.side_block(side), P.dtype, P.device)
                 buckets.setdefault(key, []).append((module, side))
     return Grouping(model, OrderedDict(
         (k, LayerGroup(v) if k[0] == "dense" else BlockGroup(v)) for k, v in buckets.items()))

@@ -109,6 +109,16 @@ class HouseholderQR(Method):
         return Q * scale.unsqueeze(-2)
 
 
+def pair_reflectors(V: Tensor) -> Tensor:
+    """In place: H(v)H(v) = I, so repeating each column once makes H(v_1)…H(v_k) = I while every reflector
+    still has a gradient. With odd k the last one is 0 (the identity reflector; its gradient is 0)."""
+    k = V.shape[-1]
+    V[..., 1::2] = V[..., 0:k - k % 2:2]
+    if k % 2:
+        V[..., -1] = 0
+    return V
+
+
 class Householder(Method):
     """Learnable dense reflector vectors V [d, k] (k = d by default): R = H(v1)…H(vk). Not in the released
     code (its "HR" is householder_qr). With fewer neurons than fan-in (n < d) the layer applies the
@@ -125,14 +135,7 @@ class Householder(Method):
 
     def init(self, shape, init, dtype, device):
         V = torch.randn(shape, dtype=dtype, device=device)
-        if init == "identity":
-            # H(v)H(v) = I: repeat each vector once, so R = I but every reflector still has a gradient.
-            # With odd k the last one is 0 (the identity reflector; its gradient is 0, so it stays I).
-            k = shape[-1]
-            V[..., 1::2] = V[..., 0:k - k % 2:2]
-            if k % 2:
-                V[..., -1] = 0
-        return V
+        return pair_reflectors(V) if init == "identity" else V
 
     def rotation(self, P, R0=None):
         return _ops.householder_orthogonal(P)
