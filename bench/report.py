@@ -176,7 +176,9 @@ def markdown(res: dict, plot_paths: dict, out_dir: str) -> str:
              ["python / torch / triton", f"{m['python']} / {m['torch']} / {m['triton']}"],
              ["git", f"{m['git_sha']}{' (uncommitted changes)' if m['git_dirty'] else ''}"],
              ["float32 matmul precision", m["float32_matmul_precision"]],
-             ["Triton float32 dot precision", m.get("triton_f32_precision") or "–"],
+             ["Triton float32 dot precision", {"ieee": "ieee (plain float32 FMA, no tensor cores)",
+                                              "tf32x3": "tf32x3 (three TF32 tensor-core passes)"}.get(
+                 m.get("triton_f32_precision"), m.get("triton_f32_precision") or "–")],
              ["kernels", ", ".join(f"{k}: {v}" for k, v in m["kernels"][res['device'].split(':')[0]].items()
                                    if not k.endswith("_backward"))],
              ["wall time", f"{res['wall_s']:.0f} s"]]), "",
