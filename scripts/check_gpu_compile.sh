@@ -50,10 +50,10 @@ filt=$(command -v "$nvcc_bin/cu++filt" || command -v c++filt || echo cat)
 
 # one line per kernel × target from ptxas -v; spills fail
 ptxas_report() {
-  "$PY" - "$1" "$filt" <<'EOF'
+  "$PY" - "$1" "$2" "$filt" <<'EOF'
 import re, subprocess, sys
-src, filt = sys.argv[1], sys.argv[2]
-text = sys.stdin.read()
+src, log, filt = sys.argv[1:4]
+text = open(log).read()
 rows, cur, bad = [], None, 0
 for line in text.splitlines():
     m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
@@ -94,7 +94,7 @@ for f in "${kernels[@]}"; do
       -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror > "$log" 2>&1; then
     cat "$log"; echo "FAILED: nvcc $f"; status=1; continue
   fi
-  ptxas_report "$f" < "$log" || status=1
+  ptxas_report "$f" "$log" || status=1
 done
 echo "compiled ${#kernels[@]} pure-CUDA source(s) for sm_80 and sm_90"
 
