@@ -57,23 +57,14 @@ def householder_orthogonal_torch(V: Tensor) -> Tensor:
 def orthogonalize_approx_bf16_torch(G: Tensor, steps: int) -> Tensor:
     """Muon's quintic Newton–Schulz as the Triton kernels compute it on a GPU (``lowp``): every product's
     operands rounded to bfloat16, products and sums in float32. Products of bfloat16 values are exact in
-    float32, so this differs from the kernels only by the order of the float32 accumulation."""
-    from opt_fast.functional import MUON_COEFS   # the published coefficients, not an opt_fast kernel
-    a, b, c = MUON_COEFS
+    float32, so this differs from the kernels only by the order of the float32 accumulation. (The loop is
+    opt_fast's plain-torch fallback with this product.)"""
+    from opt_fast.functional import _orthogonalize_approx_torch
 
-    def bf(t):
-        return t.to(torch.bfloat16).float()
+    def bf16_matmul(x: Tensor, y: Tensor) -> Tensor:
+        return x.to(torch.bfloat16).float() @ y.to(torch.bfloat16).float()
 
-    X = G.float()
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT
-    X = X / (torch.linalg.matrix_norm(X)[..., None, None] + 1e-7)
-    for _ in range(steps):
-        A = bf(X) @ bf(X).mT
-        B = b * A + c * (bf(A) @ bf(A))
-        X = a * X + bf(B) @ bf(X)
-    return X.mT if tall else X
+    return _orthogonalize_approx_torch(G.float(), steps, matmul=bf16_matmul)
 
 
 def _qr_sign(P: Tensor) -> Tensor:

@@ -7,8 +7,8 @@
 // Backward: the QR adjoint of opt_fast/reference/gram_schmidt.py,
 //     R = triu(Qᵀ P),  M = -Gᵀ Q,  grad_P = (G + Q copyltu(M)) R⁻ᵀ,
 // three GEMMs, one kernel and one triangular solve (at::linalg_solve_triangular), all batched.
-// Neither direction synchronises with the host (no value is read back), so both run ahead of the GPU and
-// inside CUDA graph capture.
+// Neither direction reads a value back to the host (outside anomaly mode, below), so both run ahead of the
+// GPU and inside CUDA graph capture.
 #include "../opt_fast.h"
 #include "cuda_scope.h"
 #include "gram_schmidt_kernels.cuh"
