@@ -5,6 +5,7 @@ shape learns which op and which argument. The C++ kernels (csrc/opt_fast.h) use 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -21,12 +22,13 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def float_matrix(op: str, name: str, t: Tensor) -> None:
-    """t is a (batched) float32/float64 matrix."""
+def float_matrix(op: str, name: str, t: Tensor, dtypes=FLOAT_DTYPES) -> None:
+    """t is a (batched) matrix of one of ``dtypes`` (float32/float64 unless told)."""
     if not isinstance(t, Tensor):
         fail(op, f"expected {name} to be a Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        fail(op, f"expected {name} to be float32 or float64, got {t.dtype}")
+    if t.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        fail(op, f"expected {name} to be {', '.join(names[:-1])} or {names[-1]}, got {t.dtype}")
     if t.dim() < 2:
         fail(op, f"expected {name} to have at least 2 dimensions [..., rows, cols], got shape {_shape(t)}")
 
@@ -95,24 +97,90 @@ def gram_schmidt(P: Tensor, block_size: int) -> None:
         fail(op, f"expected block_size >= 0 (0 = automatic), got {block_size}")
 
 
+def _polar_input(op: str, P: Tensor) -> None:
+    float_matrix(op, "P", P)
+    if P.shape[-2] < P.shape[-1]:
+        fail(op, f"expected P [..., m, n] with m >= n (for wide P take the polar factor of P.mT and "
+                 f"transpose it), got shape {_shape(P)}")
+
+
 def lowdin(P: Tensor, iters: int, R0: Optional[Tensor]) -> None:
     op = "lowdin"
-    square(op, "P", P)
+    _polar_input(op, P)
     if iters < 0:
         fail(op, f"expected iters >= 0 (0 = iterate to convergence), got {iters}")
     if R0 is not None:
-        square(op, "R0", R0)
+        float_matrix(op, "R0", R0)
         same_device_dtype(op, "P", P, "R0", R0)
         if R0.shape != P.shape:
             fail(op, f"expected R0 with the shape of P {_shape(P)}, got {_shape(R0)}")
 
 
 def lowdin_svd(P: Tensor) -> None:
-    square("lowdin_svd", "P", P)
+    _polar_input("lowdin_svd", P)
+
+
+APPROX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def orthogonalize_approx(G: Tensor, steps: int) -> None:
+    op = "functional.orthogonalize_approx"
+    float_matrix(op, "G", G, APPROX_DTYPES)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        fail(op, f"expected steps to be an int >= 0, got {steps!r}")
 
 
 def cayley(S: Tensor) -> None:
     square("cayley", "S", S)
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def cayley_neumann(S: Tensor, terms: int, op: str = "cayley_neumann") -> None:
+    if not isinstance(S, Tensor):
+        fail(op, f"expected S to be a Tensor, got {type(S).__name__}")
+    if S.dtype not in FLOAT_DTYPES + HALF_DTYPES:
+        fail(op, f"expected S to be float32, float64, float16 or bfloat16, got {S.dtype}")
+    if S.dim() < 2 or S.shape[-1] != S.shape[-2]:
+        fail(op, f"expected S to be square [..., b, b], got shape {_shape(S)}")
+    if not isinstance(terms, int) or terms < 0:
+        fail(op, f"expected terms >= 0 (the number of Neumann terms after I), got {terms!r}")
+
+
+def block_apply(R: Tensor, X: Tensor, perm: Optional[Tensor]) -> None:
+    op = "block_apply"
+    if not isinstance(R, Tensor) or not isinstance(X, Tensor):
+        fail(op, "expected R and X to be Tensors")
+    if R.dtype not in FLOAT_DTYPES:
+        fail(op, f"expected R to be float32 or float64, got {R.dtype}")
+    if R.dim() != 3 or R.shape[-1] != R.shape[-2]:
+        fail(op, f"expected R of shape [nb, b, b] (nb square blocks), got {_shape(R)}")
+    if X.dim() < 1:
+        fail(op, "expected X with at least 1 dimension [..., n], got a 0-d tensor")
+    if X.device != R.device:
+        fail(op, f"expected R and X on the same device, got {R.device} and {X.device}")
+    if X.dtype != R.dtype and not (X.dtype in HALF_DTYPES and R.dtype == torch.float32):
+        fail(op, f"expected X to have R's dtype {R.dtype} (or float16/bfloat16 with float32 R), got {X.dtype}")
+    n, covered = X.shape[-1], R.shape[0] * R.shape[-1]
+    if covered > n:
+        fail(op, f"expected nb·b <= n, got R {_shape(R)} ({covered} coordinates) for X of shape {_shape(X)}")
+    if perm is None:
+        return
+    if not isinstance(perm, Tensor) or perm.dtype != torch.int64 or perm.dim() != 1 or perm.numel() != n:
+        got = f"{perm.dtype} of shape {_shape(perm)}" if isinstance(perm, Tensor) else type(perm).__name__
+        fail(op, f"expected perm to be an int64 tensor of shape [{n}] (a permutation of X's last dim), got {got}")
+    if perm.device != X.device:
+        fail(op, f"expected perm on X's device {X.device}, got {perm.device}")
+    if _has_values(perm) and perm.device.type == "cpu" and n and not bool(
+            (torch.bincount(perm.clamp(0, n - 1), minlength=n) == 1).all() & (perm.min() >= 0) & (perm.max() < n)):
+        fail(op, f"expected perm to be a permutation of 0..{n - 1} (every index exactly once)")
+
+
+def _has_values(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not (torch.compiler.is_compiling() or is_fake(t) or t.device.type == "meta")
 
 
 def gram_schmidt_backward(grad: Tensor, P: Tensor, Q: Tensor) -> None:

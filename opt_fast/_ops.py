@@ -16,6 +16,8 @@ FORWARD_OPS = (
     "gram_schmidt",
     "lowdin",
     "cayley",
+    "cayley_neumann",
+    "block_apply",
 )
 
 SCHEMAS = {
@@ -37,6 +39,18 @@ SCHEMAS = {
     "lowdin_svd_backward": "lowdin_svd_backward(Tensor grad, Tensor U, Tensor S, Tensor Vh) -> Tensor",
     "cayley": "cayley(Tensor S) -> Tensor",
     "cayley_backward": "cayley_backward(Tensor grad, Tensor Q) -> Tensor",
+    # block-orthogonal layers (POET / OFT family): the truncated Cayley series of a batch of skew blocks, and
+    # the permuted block-diagonal product on the last dim of activations
+    "cayley_neumann": "cayley_neumann(Tensor S, int terms=5) -> Tensor",
+    "cayley_neumann_backward": "cayley_neumann_backward(Tensor grad, Tensor S, int terms) -> Tensor",
+    # the same map keeping the powers (A·A)^j, j = 1..terms//2, so that its backward reuses them; what
+    # opt_fast.functional.cayley_neumann and the block layers use when a gradient is needed
+    "cayley_neumann_powers": "cayley_neumann_powers(Tensor S, int terms=5) -> (Tensor, Tensor)",
+    "cayley_neumann_powers_backward":
+        "cayley_neumann_powers_backward(Tensor grad, Tensor S, Tensor powers, int terms) -> Tensor",
+    "block_apply": "block_apply(Tensor R, Tensor X, Tensor? perm=None) -> Tensor",
+    "block_apply_backward":
+        "block_apply_backward(Tensor grad, Tensor R, Tensor X, Tensor? perm) -> (Tensor, Tensor)",
 }
 
 ALL_OPS = tuple(SCHEMAS)

@@ -5,6 +5,7 @@
 3. autograd formulas whose backward calls ``torch.ops.opt_fast.<op>_backward``, so that a fast backward
    kernel is used whenever one is registered; the backward ops are differentiable too (double backward)
    through the vector-Jacobian product of their reference, which is written in differentiable torch ops;
+   forward-mode AD (a tangent on an input) takes its derivatives from the references too (_forward_ad.py);
 4. the C++ extension ``opt_fast._C`` (CPU, and CUDA when built), unless ``OPT_FAST_DISABLE_EXT=1``;
 5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``).
 """
@@ -15,7 +16,7 @@ import warnings
 
 import torch
 
-from . import _backends, _checks
+from . import _backends, _checks, _forward_ad, _triton_glue
 from ._ops import lib
 from .reference import REFERENCE_KERNELS
 
@@ -102,7 +103,8 @@ def _lowdin_backward_fake(grad, P, R):
 @torch.library.register_fake("opt_fast::lowdin_svd", lib=lib)
 def _lowdin_svd_fake(P):
     _checks.lowdin_svd(P)
-    return _empty(P, P.shape), _empty(P, P.shape), _empty(P, P.shape[:-1]), _empty(P, P.shape)
+    n = P.shape[-1]
+    return _empty(P, P.shape), _empty(P, P.shape), _empty(P, P.shape[:-2] + (n,)), _empty(P, P.shape[:-2] + (n, n))
 
 
 @torch.library.register_fake("opt_fast::lowdin_svd_backward", lib=lib)
@@ -121,6 +123,39 @@ def _cayley_backward_fake(grad, Q):
     return _empty(Q, Q.shape)
 
 
+@torch.library.register_fake("opt_fast::cayley_neumann", lib=lib)
+def _cayley_neumann_fake(S, terms=5):
+    _checks.cayley_neumann(S, terms)
+    return _empty(S, S.shape)
+
+
+@torch.library.register_fake("opt_fast::cayley_neumann_backward", lib=lib)
+def _cayley_neumann_backward_fake(grad, S, terms):
+    return _empty(S, S.shape)
+
+
+@torch.library.register_fake("opt_fast::cayley_neumann_powers", lib=lib)
+def _cayley_neumann_powers_fake(S, terms=5):
+    _checks.cayley_neumann(S, terms, op="cayley_neumann_powers")
+    return _empty(S, S.shape), _empty(S, S.shape[:-2] + (terms // 2,) + S.shape[-2:])
+
+
+@torch.library.register_fake("opt_fast::cayley_neumann_powers_backward", lib=lib)
+def _cayley_neumann_powers_backward_fake(grad, S, powers, terms):
+    return _empty(S, S.shape)
+
+
+@torch.library.register_fake("opt_fast::block_apply", lib=lib)
+def _block_apply_fake(R, X, perm=None):
+    _checks.block_apply(R, X, perm)
+    return _empty(X, X.shape)
+
+
+@torch.library.register_fake("opt_fast::block_apply_backward", lib=lib)
+def _block_apply_backward_fake(grad, R, X, perm):
+    return _empty(R, R.shape), _empty(X, X.shape)
+
+
 # ---- 3. autograd -----------------------------------------------------------------------------------
 def _register_autograd(op, saved, backward):
     """``saved(inputs, output)`` picks the tensors to keep; ``backward(grad, *saved)`` returns input grads."""
@@ -130,7 +165,7 @@ def _register_autograd(op, saved, backward):
     def bw(ctx, grad):
         return backward(grad, *ctx.saved_tensors)
 
-    torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
+    _forward_ad.register_autograd(op, bw, setup_context, lib)
 
 
 _ops = torch.ops.opt_fast
@@ -164,24 +199,83 @@ def _lowdin_svd_bw(ctx, grad, *_):
     return _ops.lowdin_svd_backward(grad, U, S, Vh)
 
 
-torch.library.register_autograd("opt_fast::lowdin_svd", _lowdin_svd_bw, setup_context=_lowdin_svd_setup, lib=lib)
+_forward_ad.register_autograd("lowdin_svd", _lowdin_svd_bw, _lowdin_svd_setup, lib)
 
+
+
+def _cayley_neumann_setup(ctx, inputs, output):
+    ctx.terms = inputs[1]
+    ctx.save_for_backward(inputs[0])
+
+
+def _cayley_neumann_bw(ctx, grad):
+    return _ops.cayley_neumann_backward(grad, ctx.saved_tensors[0], ctx.terms), None
+
+
+_forward_ad.register_autograd("cayley_neumann", _cayley_neumann_bw, _cayley_neumann_setup, lib)
+
+
+def _cayley_neumann_powers_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # the powers are for the backward
+    ctx.terms = inputs[1]
+    ctx.save_for_backward(inputs[0], output[1])
+
+
+def _cayley_neumann_powers_bw(ctx, grad, _):
+    S, powers = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: the op whose double backward is defined
+        return _ops.cayley_neumann_backward(grad, S, ctx.terms), None
+    return _ops.cayley_neumann_powers_backward(grad, S, powers, ctx.terms), None
+
+
+_forward_ad.register_autograd("cayley_neumann_powers", _cayley_neumann_powers_bw, _cayley_neumann_powers_setup, lib)
+
+
+def _block_apply_setup(ctx, inputs, output):
+    R, X, perm = (list(inputs) + [None])[:3]
+    ctx.save_for_backward(R, X, perm)
+
+
+def _block_apply_bw(ctx, grad):
+    R, X, perm = ctx.saved_tensors
+    grad_R, grad_X = _ops.block_apply_backward(grad, R, X, perm)
+    return grad_R, grad_X, None
+
+
+_forward_ad.register_autograd("block_apply", _block_apply_bw, _block_apply_setup, lib)
 
 
 def _register_double_backward(op):
-    """Autograd for ``<op>_backward``: the VJP of its pure-PyTorch reference (rarely used; correct first)."""
+    """Autograd for ``<op>_backward``: the VJP of its pure-PyTorch reference (rarely used; correct first),
+    with respect to its floating-point tensor arguments (ints, index tensors and None pass through)."""
     ref = REFERENCE_KERNELS[op]
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.diff = [isinstance(a, torch.Tensor) and a.is_floating_point() for a in inputs]
+        ctx.save_for_backward(*[a for a, d in zip(inputs, ctx.diff) if d])
+        ctx.others = [None if d else a for a, d in zip(inputs, ctx.diff)]
 
     def bw(ctx, *grads):
-        out, vjp_fn = torch.func.vjp(ref, *ctx.saved_tensors)
+        it = iter(ctx.saved_tensors)
+        args = [next(it) if d else other for d, other in zip(ctx.diff, ctx.others)]
+        where = [i for i, d in enumerate(ctx.diff) if d]
+
+        def f(*diff_args):
+            full = list(args)
+            for i, a in zip(where, diff_args):
+                full[i] = a
+            return ref(*full)
+
+        out, vjp_fn = torch.func.vjp(f, *[args[i] for i in where])
         outs = out if isinstance(out, tuple) else (out,)
         grads = tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, outs))
-        return vjp_fn(grads if isinstance(out, tuple) else grads[0])
+        diff_grads = vjp_fn(grads if isinstance(out, tuple) else grads[0])
+        result = [None] * len(args)
+        for i, g in zip(where, diff_grads):
+            result[i] = g
+        return tuple(result)
 
-    torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
+    _forward_ad.register_autograd(op, bw, setup_context, lib)
 
 
 for _name in REFERENCE_KERNELS:
@@ -209,7 +303,7 @@ def _load_extension():
             f"opt_fast: the C++/CUDA extension opt_fast._C did not load ({e}); every op falls back to its "
             "pure-PyTorch reference kernel (correct, but slow; Triton kernels still serve CUDA where they "
             "exist). Rebuild against the installed torch with `pip install --no-build-isolation .`, or set "
-            "OPT_FAST_DISABLE_EXT=1 to use the references without this warning.", RuntimeWarning, stacklevel=2)
+            "OPT_FAST_DISABLE_EXT=1 to use the references without this warning.", RuntimeWarning)
 
 
 # ---- 5. Triton ------------------------------------------------------------------------------------
@@ -222,7 +316,7 @@ def _load_triton():
     force = os.environ.get("OPT_FAST_CUDA_BACKEND", "").lower() == "triton"
     for op, launcher in LAUNCHERS.items():
         if force or not _backends.has_kernel(op, "CUDA"):
-            torch.library.register_kernel(f"opt_fast::{op}", "cuda", launcher, lib=lib)
+            torch.library.register_kernel(f"opt_fast::{op}", "cuda", _triton_glue.cuda_kernel(op, launcher), lib=lib)
             _backends.triton_ops.add(op)
 
 

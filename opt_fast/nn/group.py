@@ -22,6 +22,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
+from .block import OPTBlockLinear
 from .layers import OPTLayer
 
 
@@ -62,8 +63,54 @@ class LayerGroup:
             layer.R0.copy_(R_i)
         return R
 
+    def attach(self):
+        for i, layer in enumerate(self.layers):
+            layer._opt_group, layer._opt_group_index = self, i
+
+    def detach(self):
+        for layer in self.layers:
+            if layer._opt_group is self:
+                layer._opt_group = None
+
     def __repr__(self):
         return f"LayerGroup(method={self.method.name!r}, layers={len(self.layers)})"
+
+
+class BlockGroup:
+    """The rotation blocks of every block-layer side with the same (method, b, terms, dtype, device): their
+    parameters are concatenated along the block dim and mapped by ONE op call per forward of the model."""
+
+    def __init__(self, slots: List[Tuple[OPTBlockLinear, str]]):
+        self.slots = list(slots)
+        self.layers = list(dict.fromkeys(layer for layer, _ in slots))
+        layer, side = slots[0]
+        self.method, self.b, self.terms = layer.method, layer.side_block(side), layer.terms
+        self.active = False
+        self._cache = None
+        self.grouping = None
+
+    def result(self, index: int) -> Tensor:
+        if self._cache is None:
+            self._cache = self.compute().split(self._sizes, 0)
+        return self._cache[index]
+
+    def compute(self) -> Tensor:
+        params = [getattr(layer, f"{side}_blocks") for layer, side in self.slots]
+        self._sizes = [p.shape[0] for p in params]
+        P = params[0] if len(params) == 1 else torch.cat(params)
+        return self.method.rotation(P, self.b, self.terms)
+
+    def attach(self):
+        for i, (layer, side) in enumerate(self.slots):
+            layer._opt_block_slots[side] = (self, i)
+
+    def detach(self):
+        for layer, side in self.slots:
+            if layer._opt_block_slots.get(side, (None,))[0] is self:
+                del layer._opt_block_slots[side]
+
+    def __repr__(self):
+        return f"BlockGroup(method={self.method.name!r}, b={self.b}, sides={len(self.slots)})"
 
 
 class Grouping:
@@ -74,8 +121,7 @@ class Grouping:
         self.groups = groups
         for group in groups.values():
             group.grouping = self
-            for i, layer in enumerate(group.layers):
-                layer._opt_group, layer._opt_group_index = group, i
+            group.attach()
         root.register_forward_pre_hook(self._open)
         root.register_forward_hook(self._close, always_call=True)
         root._opt_grouping = self
@@ -95,9 +141,7 @@ class Grouping:
                 del hooks[hook_id]
                 self.root._forward_hooks_always_called.pop(hook_id, None)
         for group in self.groups.values():
-            for layer in group.layers:
-                if layer._opt_group is group:
-                    layer._opt_group = None
+            group.detach()
         if getattr(self.root, "_opt_grouping", None) is self:
             del self.root._opt_grouping
 
@@ -113,15 +157,25 @@ def ungroup(model: nn.Module) -> None:
             grouping.remove()
         if isinstance(module, OPTLayer) and module._opt_group is not None:
             module._opt_group.grouping.remove()  # may be installed on an ancestor of ``model``
+        if isinstance(module, OPTBlockLinear):
+            for group, _ in list(module._opt_block_slots.values()):
+                group.grouping.remove()
 
 
 def group_layers(model: nn.Module) -> Grouping:
     """Group ``model``'s OPT layers that use an op-based method by (method, parameter shape, dtype,
-    device) and install the session hooks on ``model`` (replacing any earlier grouping of its layers).
-    Call it again after changing a subset of layers' dtype or device."""
+    device), and the sides of its block layers by (method, block size, terms, dtype, device), and install
+    the session hooks on ``model`` (replacing any earlier grouping of its layers). Call it again after
+    changing a subset of layers' dtype or device."""
     ungroup(model)
-    buckets: Dict[Tuple, List[OPTLayer]] = OrderedDict()
+    buckets: Dict[Tuple, list] = OrderedDict()
     for module in model.modules():  # modules() yields each shared layer once
         if isinstance(module, OPTLayer) and module.method.uses_op:
-            buckets.setdefault(_group_key(module), []).append(module)
-    return Grouping(model, OrderedDict((k, LayerGroup(v)) for k, v in buckets.items()))
+            buckets.setdefault(("dense",) + _group_key(module), []).append(module)
+        elif isinstance(module, OPTBlockLinear):
+            for side in module.sides_used():
+                P = getattr(module, f"{side}_blocks")
+                key = ("block", module.method.name, module.side_block(side), module.terms, P.dtype, P.device)
+                buckets.setdefault(key, []).append((module, side))
+    return Grouping(model, OrderedDict(
+        (k, LayerGroup(v) if k[0] == "dense" else BlockGroup(v)) for k, v in buckets.items()))

@@ -72,7 +72,7 @@ class OPTLayer(nn.Module):
     @property
     def learnable(self) -> Tensor:
         """The learnable tensor (P, V, R or weight, depending on the method)."""
-        return getattr(self, self.method.param_name)
+        return self._parameters[self.method.param_name]  # not getattr: "weight" is also the property below
 
     @property
     def direct(self) -> bool:
@@ -111,6 +111,30 @@ class OPTLayer(nn.Module):
     def effective_weight(self) -> Tensor:
         """The weight the layer uses, in PyTorch layout [out, in, *k] (what merge() stores)."""
         return self.weight_matrix().reshape(self.W0.shape)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight [out, in, *k], as nn.Linear / nn.Conv's ``.weight`` (code written for those
+        layers, e.g. torch's Transformer fast path, reads it). Computed from the parameters on every access
+        (differentiable; in-place changes to it do not reach the layer) and read-only: assigning raises.
+        For method "none" it is the learnable Parameter itself (its state_dict key stays ``weight``)."""
+        plain = self.__dict__.get("_parameters", {}).get("weight")
+        if plain is not None:  # method "none"
+            return plain if plain.shape == self.W0.shape else plain.view(self.W0.shape)
+        if self.method.name == "none":  # still in __init__: lets register_parameter("weight") proceed
+            raise AttributeError("weight")
+        try:
+            return self.effective_weight()
+        except AttributeError as e:  # not swallowed by nn.Module.__getattr__ into "no attribute 'weight'"
+            raise RuntimeError(f"opt_fast.nn: computing {type(self).__name__}.weight failed: {e}") from e
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and "weight" not in self.__dict__.get("_parameters", {}):
+            raise AttributeError(
+                f"opt_fast.nn: {type(self).__name__}.weight is the effective weight W0 Rᵀ computed from the layer's "
+                f"parameters and cannot be assigned; use load_weight(W) to make the layer compute W (it sets W0), "
+                f"or change the learnable parameter {self.method.name!r} uses ({self.method.param_name!r})")
+        super().__setattr__(name, value)
 
     def rotation(self) -> Tensor:
         """The full d×d R (identity outside the sampled block for stochastic layers); for diagnostics,

@@ -1,7 +1,14 @@
 """Pure-PyTorch reference kernels: the executable spec every fast kernel is tested against, and the
 fallback that serves any device without a faster kernel. Each forward op ``<op>`` has ``<op>_ref`` and
 ``<op>_backward_ref`` with the signatures of the ``torch.ops.opt_fast`` schemas."""
+from .block_apply import block_apply_backward_ref, block_apply_ref
 from .cayley import cayley_backward_ref, cayley_ref
+from .cayley_neumann import (
+    cayley_neumann_backward_ref,
+    cayley_neumann_powers_backward_ref,
+    cayley_neumann_powers_ref,
+    cayley_neumann_ref,
+)
 from .gram_schmidt import gram_schmidt_backward_ref, gram_schmidt_ref
 from .householder import (
     householder_apply_backward_ref,
@@ -28,6 +35,12 @@ REFERENCE_KERNELS = {
     "lowdin_svd_backward": lowdin_svd_backward_ref,
     "cayley": cayley_ref,
     "cayley_backward": cayley_backward_ref,
+    "cayley_neumann": cayley_neumann_ref,
+    "cayley_neumann_backward": cayley_neumann_backward_ref,
+    "cayley_neumann_powers": cayley_neumann_powers_ref,
+    "cayley_neumann_powers_backward": cayley_neumann_powers_backward_ref,
+    "block_apply": block_apply_ref,
+    "block_apply_backward": block_apply_backward_ref,
 }
 
 __all__ = sorted(REFERENCE_KERNELS) + ["REFERENCE_KERNELS"]

@@ -1,0 +1,207 @@
+"""Block-orthogonal equivalence layers (POET / OFT family): OPT at transformer scale.
+
+``OPTBlockLinear`` keeps a frozen weight W0 [out, in] and learns block-diagonal rotations on one or both
+sides of it, each conjugated by a random permutation Π:
+
+    W = R_out W0 R_inᵀ,     R = Πᵀ blockdiag(R_1, …, R_nb) Π,   R_j = map(parameters_j) ∈ O(b)
+
+computed input-centric: y = R_out (W0 (R_inᵀ x)) + bias by two ``block_apply`` calls around the frozen
+GEMM, never forming an out × in product. Because W0 is frozen its backward needs no weight-gradient GEMM,
+so a one-sided layer costs about 2 GEMMs + small block products against nn.Linear's 3 GEMMs.
+
+* sides: "in" (R_out = I: PEFT OFT's input rotation; with keep_weights it is orthogonal fine-tuning of a
+  pretrained weight), "out" (R_in = I) or "both" (POET-style pretraining from a random W0).
+* Orthogonal R_in, R_out leave the singular values of W0 unchanged (exactly, for the exact maps).
+* A side of width n uses blocks of b = min(block_size, n); nb = n // b blocks cover nb·b coordinates and
+  the other n − nb·b (perm[nb·b:]) are left as they are until the next merge draws a new permutation.
+* ``merge_and_reset`` (merging.py) folds the rotations into W0, resets them to I and draws new
+  permutations; the output does not change.
+* Parameters: ``in_blocks`` / ``out_blocks`` (layout per method, block_methods.py), always starting at
+  R = I. They stay float32 when the model is cast to float16/bfloat16 (``model.to(torch.bfloat16)``
+  casts W0, the bias and the activations; the maps need float32 to stay orthogonal).
+* recompute=True saves only the input for backward and recomputes the rest there (the maps, and the inner
+  activation W0 R_inᵀ x: one more frozen GEMM per backward), the memory of a plain nn.Linear. Its maps
+  are computed per layer, not in the group's batched call.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import functional
+from .block_methods import BlockMap, get_block_method
+
+SIDES = ("in", "out", "both")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _uses(sides: str, side: str) -> bool:
+    return sides == "both" or sides == side
+
+
+def _seeded_perm(n: int, seed: int, device) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g).to(device)
+
+
+class OPTBlockLinear(nn.Module):
+    """nn.Linear's signature plus the block options: y = x Wᵀ + b with W = R_out W0 R_inᵀ (module docstring).
+
+    method: "cayley_neumann" (default), "cayley", "gram_schmidt", "householder" or "lowdin".
+    block_size: b (required). sides: "in", "out" or "both". permute: conjugate the blocks by a random
+    permutation (redrawn at every merge). terms: Neumann terms of "cayley_neumann" (POET's k; PEFT's
+    num_cayley_neumann_terms = terms + 2). recompute: save only x for backward (see module docstring).
+    W0 is drawn N(0, 1/in) (variance-preserving); convert(..., keep_weights=True) sets it to a pretrained
+    weight instead.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, method="cayley_neumann", *,
+                 block_size: int, sides: str = "both", permute: bool = True, terms: int = 5,
+                 recompute: bool = False, device=None, dtype=None):
+        super().__init__()
+        if sides not in SIDES:
+            raise ValueError(f"opt_fast.nn: sides must be one of {SIDES}, got {sides!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"opt_fast.nn: block_size must be a positive int, got {block_size!r}")
+        if not isinstance(terms, int) or terms < 0:
+            raise ValueError(f"opt_fast.nn: terms must be an int >= 0, got {terms!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.method: BlockMap = get_block_method(method)
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size, self.sides, self.permute, self.terms = block_size, sides, permute, terms
+        self.recompute = recompute
+        W0 = torch.empty(out_features, in_features, **factory)
+        self.register_buffer("W0", W0.normal_(0.0, 1.0 / math.sqrt(max(in_features, 1))))
+        # per-layer seed of the permutations (drawn from the global RNG, so seeded runs and DDP ranks agree)
+        self.register_buffer("perm_seed", torch.randint(0, 2**62, (1,)).to(W0.device))
+        self.register_buffer("merges", torch.zeros((), dtype=torch.int64, device=W0.device))
+        param_dtype = torch.float32 if W0.dtype in _HALF else W0.dtype
+        for side, n in (("in", in_features), ("out", out_features)):
+            if not _uses(sides, side):
+                self.register_parameter(f"{side}_blocks", None)
+                self.register_buffer(f"{side}_perm", None)
+                continue
+            b = min(block_size, n)
+            P = self.method.identity(n // b, b, dtype=param_dtype, device=W0.device)
+            self.register_parameter(f"{side}_blocks", nn.Parameter(P))
+            self.register_buffer(f"{side}_perm", self._draw_perm(side) if permute else None)
+        if bias:
+            bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        self._opt_block_slots = {}  # side -> (BlockGroup, index), set by group.group_layers
+
+    # ---- structure --------------------------------------------------------------------------------------
+    def side_block(self, side: str) -> int:
+        """b of one side (the block size, or the side's width if that is smaller)."""
+        return min(self.block_size, self.in_features if side == "in" else self.out_features)
+
+    def _draw_perm(self, side: str) -> Tensor:
+        n = self.in_features if side == "in" else self.out_features
+        seed = (int(self.perm_seed) * 1_000_003 + 2 * int(self.merges) + (side == "out")) % (2**63 - 1)
+        return _seeded_perm(n, seed, self.W0.device)
+
+    def sides_used(self) -> Tuple[str, ...]:
+        return tuple(s for s in ("in", "out") if _uses(self.sides, s))
+
+    # ---- the rotations ------------------------------------------------------------------------------------
+    def block_rotation(self, side: str) -> Tensor:
+        """R_side's blocks [nb, b, b] (from the group's one call during a grouped forward)."""
+        slot = self._opt_block_slots.get(side)
+        if slot is not None and slot[0].active:
+            return slot[0].result(slot[1])
+        return self.method.rotation(getattr(self, f"{side}_blocks"), self.side_block(side), self.terms)
+
+    def _rotations(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        return tuple(self.block_rotation(s) if _uses(self.sides, s) else None for s in ("in", "out"))
+
+    def _forward_impl(self, x: Tensor, R_in: Optional[Tensor], R_out: Optional[Tensor]) -> Tensor:
+        if R_in is not None:  # R_inᵀ x: the blocks transposed
+            x = functional.block_apply(R_in.mT, x, self.in_perm)
+        if R_out is None:
+            return F.linear(x, self.W0, self.bias)
+        y = functional.block_apply(R_out, F.linear(x, self.W0), self.out_perm)
+        return y if self.bias is None else y + self.bias
+
+    def _recomputed(self, x: Tensor, P_in: Optional[Tensor], P_out: Optional[Tensor]) -> Tensor:
+        def rotation(side, P):
+            return None if P is None else self.method.rotation(P, self.side_block(side), self.terms)
+        return self._forward_impl(x, rotation("in", P_in), rotation("out", P_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            # the maps and the inner activation are recomputed in backward: only x (and the parameters) are
+            # kept, and this layer's maps are its own calls, outside the group's batched call
+            return checkpoint(self._recomputed, x, self.in_blocks, self.out_blocks, use_reentrant=False)
+        return self._forward_impl(x, *self._rotations())
+
+    def effective_weight(self, W0: Optional[Tensor] = None) -> Tensor:
+        """W = R_out W0 R_inᵀ ([out, in], in W0's dtype), for merging and inspection."""
+        R_in, R_out = self._rotations()
+        W = self.W0 if W0 is None else W0
+        if R_in is not None:   # rows of W0 rotated: (W0 R_inᵀ)_i = (R_in w_i)ᵀ
+            W = functional.block_apply(R_in, W, self.in_perm)
+        if R_out is not None:  # columns rotated
+            W = functional.block_apply(R_out, W.mT, self.out_perm).mT
+        return W
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight R_out W0 R_inᵀ, computed on access (read-only; for code that reads
+        ``.weight``). Train through the layer's parameters, or merge()."""
+        return self.effective_weight()
+
+    @weight.setter
+    def weight(self, value):
+        raise AttributeError("opt_fast.nn: OPTBlockLinear.weight is the computed effective weight and cannot be "
+                             "set; set .W0 (the frozen weight) or use opt_fast.nn.merge() for a plain nn.Linear")
+
+    # ---- merge ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge_and_reset(self, optimizer=None) -> None:
+        """W0 <- R_out W0 R_inᵀ (computed in at least float32), rotations <- I, fresh permutations, and the
+        optimizer state of the reset parameters cleared. The layer's output is unchanged up to rounding."""
+        W = self.effective_weight(self.W0.float() if self.W0.dtype in _HALF else self.W0)
+        self.W0.copy_(W)
+        self.merges += 1
+        for side in self.sides_used():
+            P = getattr(self, f"{side}_blocks")
+            b = self.side_block(side)
+            P.copy_(self.method.identity(P.shape[0], b, dtype=P.dtype, device=P.device))
+            if optimizer is not None:
+                optimizer.state.pop(P, None)
+            if self.permute:
+                getattr(self, f"{side}_perm").copy_(self._draw_perm(side))
+
+    # ---- dtype casts keep the orthogonal parameters float32 --------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        keep = {name: p.detach().clone() for name, p in self._parameters.items()
+                if name.endswith("_blocks") and p is not None and p.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, data in keep.items():
+            p = self._parameters[name]
+            if p.dtype in _HALF:
+                p.data = data.to(p.device)
+        return self
+
+    # ---- state_dict ---------------------------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"method": self.method.name, "block_size": self.block_size, "sides": self.sides,
+                "terms": self.terms, "permute": self.permute}
+
+    def set_extra_state(self, state):
+        mine = self.get_extra_state()
+        diff = {k: (state.get(k), v) for k, v in mine.items() if k != "terms" and state.get(k) != v}
+        if diff:
+            raise ValueError("opt_fast.nn: state_dict was saved from an OPTBlockLinear with other settings: "
+                             + ", ".join(f"{k}={a!r} (this layer: {b!r})" for k, (a, b) in diff.items()))
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"method={self.method.name!r}, block_size={self.block_size}, sides={self.sides!r}, "
+                f"permute={self.permute}" + (f", terms={self.terms}" if self.method.name == "cayley_neumann" else "")
+                + (", recompute=True" if self.recompute else ""))

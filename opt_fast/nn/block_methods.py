@@ -1,0 +1,111 @@
+"""The maps of block-orthogonal layers: how a batch of nb learnable b × b blocks becomes nb rotations.
+
+Every map starts at R = I (block layers always start from the identity, and merge_and_reset returns
+there) and is batched over the block dim, so the blocks of every same-sized layer of a model are served
+by one op call (group.py). Parameters are float32 (or float64); float16/bfloat16 copies are upcast
+before the map, which needs float32 to stay orthogonal.
+
+* ``cayley_neumann`` (default, POET / PEFT OFT): the skew block S = U − Uᵀ from its strictly upper
+  triangle U, stored packed as b(b−1)/2 numbers per block in ``torch.triu_indices`` order (PEFT's
+  layout), then the truncated series ``opt_fast.functional.cayley_neumann(S, terms)``: orthogonal up to
+  about 2‖S‖₂^(terms+1), which merge_and_reset keeps small.
+* ``cayley``: the same packed skew block through the exact transform (I + S)(I − S)⁻¹.
+* ``gram_schmidt``, ``householder``, ``lowdin``: the dense OPT maps of methods.py on b × b blocks
+  (identity init: P = I, or pairs of equal reflectors for Householder). Exact, like ``cayley``: no
+  orthogonality error to merge away.
+"""
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import functional
+from .methods import METHODS
+
+_ops = torch.ops.opt_fast
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _compute(P: Tensor) -> Tensor:
+    return P.float() if P.dtype in _HALF else P
+
+
+class BlockMap:
+    name = ""
+
+    def shape(self, nb: int, b: int) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def identity(self, nb: int, b: int, dtype, device) -> Tensor:
+        raise NotImplementedError
+
+    def rotation(self, P: Tensor, b: int, terms: int) -> Tensor:
+        """[nb, ...] parameters -> [nb, b, b] rotations (float32/float64)."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r})"
+
+
+_TRIU_CACHE: Dict[Tuple[int, str], Tensor] = {}
+
+
+def triu_flat_index(b: int, device) -> Tensor:
+    """Flat indices (row·b + col) of the strictly upper triangle, in torch.triu_indices order."""
+    key = (b, str(device))
+    if key not in _TRIU_CACHE:
+        rows, cols = torch.triu_indices(b, b, 1)
+        _TRIU_CACHE[key] = (rows * b + cols).to(device)
+    return _TRIU_CACHE[key]
+
+
+def skew_from_packed(U: Tensor, b: int) -> Tensor:
+    """[nb, b(b−1)/2] strictly-upper entries -> [nb, b, b] skew blocks S = U − Uᵀ (differentiable)."""
+    nb = U.shape[0]
+    flat = U.new_zeros(nb, b * b).index_copy(1, triu_flat_index(b, U.device), U)
+    S = flat.view(nb, b, b)
+    return S - S.mT
+
+
+class PackedSkew(BlockMap):
+    def __init__(self, name: str, neumann: bool):
+        self.name, self.neumann = name, neumann
+
+    def shape(self, nb, b):
+        return (nb, b * (b - 1) // 2)
+
+    def identity(self, nb, b, dtype, device):
+        return torch.zeros(self.shape(nb, b), dtype=dtype, device=device)
+
+    def rotation(self, P, b, terms):
+        S = skew_from_packed(_compute(P), b)
+        return functional.cayley_neumann(S, terms) if self.neumann else _ops.cayley(S)
+
+
+class DenseBlocks(BlockMap):
+    """A dense OPT method of methods.py applied to the batch of blocks."""
+
+    def __init__(self, name: str):
+        self.name, self.method = name, METHODS[name]
+
+    def shape(self, nb, b):
+        return (nb, b, b)
+
+    def identity(self, nb, b, dtype, device):
+        return self.method.init(self.shape(nb, b), "identity", dtype=dtype, device=device)
+
+    def rotation(self, P, b, terms):
+        return self.method.rotation(_compute(P))
+
+
+BLOCK_METHODS: Dict[str, BlockMap] = {m.name: m for m in (
+    PackedSkew("cayley_neumann", neumann=True), PackedSkew("cayley", neumann=False),
+    DenseBlocks("gram_schmidt"), DenseBlocks("householder"), DenseBlocks("lowdin"))}
+
+
+def get_block_method(name) -> BlockMap:
+    if isinstance(name, BlockMap):
+        return name
+    if name not in BLOCK_METHODS:
+        raise ValueError(f"opt_fast.nn: unknown method {name!r} for block layers; valid: {', '.join(BLOCK_METHODS)}")
+    return BLOCK_METHODS[name]
