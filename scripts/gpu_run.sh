@@ -153,7 +153,7 @@ sanitize() {
 export -f sanitize
 check="$COLLECT ${SMOKE[*]}"   # (the three tools run the same selection: checked once in a dry run)
 for tool in memcheck racecheck synccheck; do
-  gpu "sanitize_${tool}" sanitize.log 70 "$check" -- bash -c "sanitize $tool"
+  gpu "sanitize_${tool}" sanitize.log 60 "$check" -- bash -c "sanitize $tool"
   check=-
 done
 
@@ -161,7 +161,7 @@ done
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-8}")
 REST=(tests -m gpu --ignore=tests/test_cuda_kernels.py --ignore=tests/test_triton_lowdin.py)
-gpu gpu_rest tests.log 80 "$COLLECT ${REST[*]}" -- \
+gpu gpu_rest tests.log 60 "$COLLECT ${REST[*]}" -- \
   env OPT_FAST_REQUIRE_EXT=1 "${PYTEST[@]}" ${xdist[@]+"${xdist[@]}"} "${REST[@]}"
 
 # ---- benchmark ----------------------------------------------------------------------------------------
