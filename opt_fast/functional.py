@@ -43,9 +43,16 @@ def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
     On the CPU, when a gradient is needed (and ``iters=0``), this takes ``torch.ops.opt_fast.lowdin_svd``:
     the same SVD route that ``lowdin`` takes there, keeping its factors so that the backward is four
     matmuls instead of an eigendecomposition (R0 cannot help a changed P, see the reference docstring)."""
-    if iters == 0 and P.device.type == "cpu" and P.requires_grad and torch.is_grad_enabled():
-        return _ops.lowdin_svd(P)[0]
-    return _ops.lowdin(P, iters, R0)
+    try:
+        if iters == 0 and P.device.type == "cpu" and P.requires_grad and torch.is_grad_enabled():
+            return _ops.lowdin_svd(P)[0]
+        return _ops.lowdin(P, iters, R0)
+    except torch.linalg.LinAlgError:
+        # Seen on the CPU (MKL's float32 SVD): a finite, near-orthogonal 288 x 288 P that OPT training with
+        # R = I at the start produced, "failed to converge"; the float64 SVD of the same P converges.
+        if P.dtype != torch.float32:
+            raise
+        return lowdin(P.double(), iters, None if R0 is None else R0.double()).to(P.dtype)
 
 
 def orthogonalize_approx(G: Tensor, steps: int = 5) -> Tensor:
@@ -100,7 +107,7 @@ def cayley(S: Tensor) -> Tensor:
 
 
 def skew(P: Tensor) -> Tensor:
-    """The skew matrix OPT-CP builds from its parameter: triu(P) - triu(P)ᵀ (opt_spec.md §2.1)."""
+    """The skew matrix OPT-CP builds from its parameter: triu(P) - triu(P)ᵀ (docs/methods.md#cayley)."""
     U = P.triu()
     return U - U.mT
 

@@ -80,7 +80,7 @@ def _classical_gs_rows(P):
 
 
 def _textbook_householder_qr(P):
-    """opt_spec §2.3: d-1 reflectors with u = x - ||x|| e1, Q <- Q H_c."""
+    """docs/methods.md#householder_qr: d-1 reflectors with u = x - ||x|| e1, Q <- Q H_c."""
     d = P.shape[0]
     A, Q = P.clone(), torch.eye(d, dtype=P.dtype)
     for c in range(d - 1):

@@ -1,6 +1,6 @@
 """Forward numerics of every torch.ops.opt_fast op against independent float64 references.
 
-Accuracy rule (style_guide.md §4.4): max|out - ref64| <= 2 * max|torch_same_dtype - ref64| + atol, where
+Accuracy rule (docs/performance.md): max|out - ref64| <= 2 * max|torch_same_dtype - ref64| + atol, where
 torch_same_dtype is the plain-PyTorch equivalent (tests/_refs.py) run in the op's dtype.
 """
 import contextlib

@@ -150,7 +150,7 @@ EXPECTED_OPS = ("householder_product", "householder_orthogonal", "householder_ap
 
 
 def test_every_op_and_its_backward_exist():
-    """torch.ops.opt_fast has exactly the eight forward ops of the docs, each with <op>_backward."""
+    """torch.ops.opt_fast has exactly the forward ops of EXPECTED_OPS, each with <op>_backward."""
     assert set(opt_fast._ops.FORWARD_OPS) == set(EXPECTED_OPS)
     for op in EXPECTED_OPS:
         for name in (op, op + "_backward"):

@@ -103,8 +103,9 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
     """Replace ``model``'s nn.Linear / nn.Conv1d / nn.Conv2d (groups=1) by OPT layers, in place, and each
     nn.MultiheadAttention by an OPTMultiheadAttention (its q, k, v and out projections as OPT layers).
 
-    method: see opt_fast.nn.METHODS (default "gram_schmidt"). init: "reference" (the released code's init,
-    the default) or "identity" (R = I; the default when keep_weights=True).
+    method: see opt_fast.nn.METHODS (default "gram_schmidt"). init: None / "default" (the released code's
+    init, except orth_reg: a random orthogonal R), "reference" (the released code's init) or "identity"
+    (R = I; the default when keep_weights=True).
     keep_weights: use each layer's pretrained weight as W0 (and copy its bias) with R = I, so the
     converted model computes what the original did (orthogonal fine-tuning); otherwise W0 is a fresh
     random draw. include: qualified module names to convert (each must be convertible, else
@@ -134,7 +135,7 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
     else:
         method = "gram_schmidt" if method is None else method
         get_method(method)
-        init = normalize_init(init if init is not None else ("identity" if keep_weights else "reference"))
+        init = normalize_init("identity" if init is None and keep_weights else init)
         layer_kwargs = dict(method=method, init=init, stochastic=stochastic, sample=sample,
                             num_reflectors=num_reflectors)
     candidates = _candidates(model)

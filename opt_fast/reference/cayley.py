@@ -1,7 +1,7 @@
-"""Reference Cayley transform: Q = (I + S)(I - S)^-1, the map of OPT-CP (opt_spec.md §2.1).
+"""Reference Cayley transform: Q = (I + S)(I - S)^-1, the map of OPT-CP (docs/methods.md#cayley).
 
 Forward with one inverse, using the identity I + Q = 2 (I - S)^-1, i.e. Q = 2 M - I with M = (I - S)^-1
-(perf_targets.md §2.4).
+(docs/performance.md).
 
 Backward from the saved output alone. With dQ = dS M + (I + S) dM and dM = M dS M we get
 dQ = (I + Q) dS M = 2 M dS M, so for an upstream gradient G
