@@ -7,7 +7,8 @@ from typing import Dict, List
 from . import block_maps, blocks, headline, peers, tables, targets
 
 # what each OPT_FAST_TRITON_F32_PRECISION value means on the hardware (ieee does not use the tensor cores)
-TRITON_F32 = {"ieee": "ieee (plain float32 FMA, no tensor cores)", "tf32x3": "tf32x3 (three TF32 tensor-core passes)"}
+TRITON_F32 = {"ieee": "ieee (plain float32 FMA, no tensor cores)",
+              "tf32x3": "tf32x3 (three TF32 tensor-core passes)"}
 
 
 def _load(v) -> str:

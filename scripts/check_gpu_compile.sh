@@ -104,7 +104,8 @@ if [ ${#glue[@]} -gt 0 ]; then
     echo "FAILED: cannot find torch's headers with $PY (set PY to a Python with torch)" >&2; exit 1
   fi
   cuda_inc=
-  for d in "${CUDA_HOME:-}/include" "$nvcc_bin/../include" /usr/local/cuda/include "$nvcc_bin/../targets/x86_64-linux/include"; do
+  for d in "${CUDA_HOME:-}/include" "$nvcc_bin/../include" /usr/local/cuda/include \
+           "$nvcc_bin/../targets/x86_64-linux/include"; do
     if [ -f "$d/cuda_runtime_api.h" ]; then cuda_inc=$d; break; fi
   done
   if [ -z "$cuda_inc" ]; then echo "FAILED: cuda_runtime_api.h not found (set CUDA_HOME)" >&2; exit 1; fi

@@ -210,7 +210,8 @@ def triton_resources():
     worst = max((k for k in cache.values() if getattr(k, "n_regs", None) is not None),
                 key=lambda k: (k.n_spills, k.n_regs), default=None)
     spills = sum(1 for k in cache.values() if getattr(k, "n_spills", 0))
-    picks = {f"{n}p f{8 * s}": tuple(MM.pick_config(1024, n, s, props["max_shared_mem"])) for n in (1, 3) for s in (4, 8)}
+    picks = {f"{n}p f{8 * s}": tuple(MM.pick_config(1024, n, s, props["max_shared_mem"]))
+             for n in (1, 3) for s in (4, 8)}
     detail = (f"max_shared_mem={props['max_shared_mem']}; {len(cache)} kernels compiled, {spills} with spills"
               + (f", most registers {worst.n_regs} (spill {worst.n_spills})" if worst else "") + f"; picks {picks}")
     return spills == 0, detail

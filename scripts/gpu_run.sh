@@ -135,16 +135,17 @@ gpu probes probes.log 100 "$PY scripts/gpu_probes.py --dry-run" -- "$PY" scripts
 # uncached allocations so that memcheck sees the exact ends of buffers
 sanitize() {
   local tool=$1 filter
-  local pytest=("$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_triton_lowdin.py -k smoke)
+  local pytest=("$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_triton_lowdin.py
+                -k smoke)
   if ! command -v compute-sanitizer >/dev/null 2>&1; then echo "skipped: compute-sanitizer not installed"; return 0; fi
   if compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=opt_fast)
   else filter=(--filter kns=opt_fast); fi
   local log="$WORK/sanitize-$tool.log"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 OPT_FAST_REQUIRE_EXT=1 compute-sanitizer --tool "$tool" "${filter[@]}" \
-    --error-exitcode 1 --print-limit 20 "${pytest[@]}" > "$log" 2>&1
-  local rc=$?
-  cat "$log"
-  if [ "$rc" -ne 0 ] && grep -qiE "device not supported|error 999|not supported on this|unable to (find|load)|failed to initialize" "$log"; then
+    --error-exitcode 1 --print-limit 20 "${pytest[@]}" 2>&1 | tee "$log"   # (live: a timeout keeps what came)
+  local rc=${PIPESTATUS[0]}
+  local refusal="device not supported|error 999|not supported on this|unable to (find|load)|failed to initialize"
+  if [ "$rc" -ne 0 ] && grep -qiE "$refusal" "$log"; then
     echo "skipped: this host refuses compute-sanitizer ${tool} (exit ${rc})"
     return 0
   fi
