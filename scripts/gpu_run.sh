@@ -115,7 +115,8 @@ export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}
 # --no-deps --no-index: the image has every dependency and no internet
 gpu build build.log 240 "test -f setup.py && $PY -c 'import setuptools, torch.utils.cpp_extension'" -- \
   env OPT_FAST_FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
-if [ "$DRY" = 0 ] && [ "$status" -ne 0 ]; then
+build_rc=$?
+if [ "$DRY" = 0 ] && [ "$build_rc" -ne 0 ]; then
   say "--- build failed: nothing else can run (build.log)"
   exit 1
 fi
