@@ -6,6 +6,10 @@ from typing import Dict, List
 
 from . import block_maps, blocks, headline, peers, tables, targets
 
+# what each OPT_FAST_TRITON_F32_PRECISION value means on the hardware (ieee does not use the tensor cores)
+TRITON_F32 = {"ieee": "ieee (plain float32 FMA, no tensor cores)",
+              "tf32x3": "tf32x3 (three TF32 tensor-core passes)"}
+
 
 def _load(v) -> str:
     return " / ".join(f"{x:.1f}" for x in v) if v else "?"
@@ -67,7 +71,8 @@ def report(res: dict, plot_paths: Dict[str, str], out_dir: str) -> str:
         ["peers", peers.versions_line(res.get("peers", {}))],
         ["git", f"{m['git_sha']}{' (uncommitted changes)' if m['git_dirty'] else ''}"],
         ["float32 matmul precision", m["float32_matmul_precision"]],
-        ["Triton float32 dot precision", m.get("triton_f32_precision") or "–"],
+        ["Triton float32 dot precision", TRITON_F32.get(m.get("triton_f32_precision"),
+                                                        m.get("triton_f32_precision") or "–")],
         ["kernels", ", ".join(f"{k}: {v}" for k, v in m["kernels"][res['device'].split(':')[0]].items()
                               if not k.endswith("_backward"))],
         ["wall time", f"{res['wall_s']:.0f} s (headline {res.get('headline_s', 0):.0f} s)"]]), ""]

@@ -13,6 +13,7 @@
 import functools
 import logging
 import os
+import warnings
 
 import torch
 
@@ -285,6 +286,10 @@ for _name in REFERENCE_KERNELS:
 
 # ---- 4. the C++ extension ---------------------------------------------------------------------------
 def _load_extension():
+    """Load opt_fast._C. A failure is a warning (visible by default), not a log line: a user on a machine
+    where the extension should work (a CUDA user above all) would otherwise get the slow reference kernels
+    without knowing. OPT_FAST_DISABLE_EXT=1 skips the load, and so the warning (the pure-Python install's
+    opt-out); OPT_FAST_REQUIRE_EXT=1 makes the failure an ImportError (CI)."""
     if _backends.env_flag("OPT_FAST_DISABLE_EXT"):
         return
     try:
@@ -295,7 +300,11 @@ def _load_extension():
             raise ImportError(
                 f"opt_fast: the C++ extension opt_fast._C failed to load ({e}) and OPT_FAST_REQUIRE_EXT=1; "
                 "rebuild with `pip install --no-build-isolation .`") from e
-        log.info("opt_fast._C not loaded (%s); using the reference kernels", e)
+        warnings.warn(
+            f"opt_fast: the C++/CUDA extension opt_fast._C did not load ({e}); every op falls back to its "
+            "pure-PyTorch reference kernel (correct, but slow; Triton kernels still serve CUDA where they "
+            "exist). Rebuild against the installed torch with `pip install --no-build-isolation .`, or set "
+            "OPT_FAST_DISABLE_EXT=1 to use the references without this warning.", RuntimeWarning)
 
 
 # ---- 5. Triton ------------------------------------------------------------------------------------

@@ -1,130 +1,196 @@
 #!/usr/bin/env bash
-# Build, test and benchmark opt_fast on a GPU machine (the lent device: torch 2.11+cu130, triton 3.6,
-# Python 3.12, no internet, at most 600 s per call and 8 files back from $OUT).
+# Everything a lent GPU machine should do for opt_fast, in ONE call of at most 8 minutes (the device tool
+# allows 600 s per command and 15 minutes of device time per session, the machine's start included):
 #
-#   scripts/gpu_run.sh OUTDIR [all|check|bench]
+#   env        GPU, driver, Python, torch, triton, nvcc, compute-sanitizer versions; a digest of the sources
+#              (the copy on the device machine may have no .git)
+#   build      the extension with OPT_FAST_FORCE_CUDA=1 (a build without the CUDA kernels fails here)
+#   cuda       tests/test_cuda_kernels.py (the CUDA C++ kernels against the float64 references)
+#   triton     tests/test_triton_lowdin.py on CUDA (TRITON_INTERPRET unset)
+#   probes     scripts/gpu_probes.py: batch > 65535, float64 lowdin backward at d = 64, the Householder path
+#              boundaries, tf32x3 vs ieee at d = 1024, converge vs fixed steps, no host syncs, bf16 approx,
+#              the Triton kernels' registers and spills as the driver reports them
+#   sanitize   compute-sanitizer memcheck, racecheck and synccheck on the smoke tests, instrumenting only
+#              the project's kernels (names containing "opt_fast": the CUDA kernels' namespace and the
+#              Triton kernels' names); a host that refuses the tool gets a "skipped" line
+#   gpu_rest   the other gpu-marked tests (layers, ops on CUDA)
+#   bench      bench/report.py --device cuda --full with whatever time is left
 #
-#   check  env, build (CUDA kernels required), backend table, CUDA tests, Triton tests on CUDA,
-#          compute-sanitizer memcheck/racecheck on the CUDA smoke tests, then the rest of the test suite
-#   bench  build if the extension is not importable (a warm machine keeps the build), the lowdin grid
-#          (Triton float32 products in "ieee", then in "tf32x3"), the full report on CUDA, the
-#          pytest-benchmark smoke test
-#   all    (default) both in one call, the report getting whatever time is left of TOTAL_S
+# Each stage runs under `timeout` with its own cap, cut to the time left before TOTAL_S. Logs are written
+# into OUTDIR while the stages run, so a command killed at the device tool's limit still returns them; at
+# most 8 plain files (the device tool brings back no more), no subfolders:
+#   summary.log  the environment, one line per stage (exit code, seconds), each failure's last lines
+#   build.log  tests.log  probes.log  sanitize.log  bench.log    the stages' full output
+#   bench.md  bench.json                                          the benchmark report, once it is written
 #
-# Device time is short, so the usual pair is two calls on the same warm machine:
-#   run: bash scripts/gpu_run.sh $OUT check      then      run: bash scripts/gpu_run.sh $OUT bench
-# Logs and results are written to WORK_DIR (default /tmp/opt_fast_gpu_run; kept between calls) and packed
-# at the end into OUTDIR/gpu_run-<mode>.tgz; OUTDIR also gets summary-<mode>.log and the reports'
-# .md/.json (at most 8 files, so that every one of them comes back from the device machine).
-#
-# Environment: PYTHON (default python3, the system Python: no venv), TORCH_CUDA_ARCH_LIST (default: the local
-# GPU's compute capability from nvidia-smi, else 9.0), MAX_JOBS (default 16), SANITIZE (default 1: run the
-# CUDA smoke tests under compute-sanitizer when it is installed), LOWDIN_BUDGET_S (the lowdin grid's cap,
-# default 150 s), LOWDIN_TF32X3_BUDGET_S (its tf32x3 rerun's cap, default 90 s in bench mode, 0 = skipped
-# in all mode), TOTAL_S (the wall time this call should fit in, default 570 s: the report gets what the
-# earlier stages left), BENCH_BUDGET_S (the report's cap in seconds instead; 0 = no cap), BENCH_ARGS (extra
-# arguments for bench/report.py), PYTEST_WORKERS (default 8: the CPU-side test suite runs under
-# pytest-xdist when it is installed).
-# Exit status: 0 if every stage passed, else 1; summary-<mode>.log lists each stage's exit code and time.
+# Usage:
+#   bash scripts/gpu_run.sh OUTDIR             on the GPU machine (device tool: bash scripts/gpu_run.sh $OUT)
+#   bash scripts/gpu_run.sh --dry-run OUTDIR   anywhere (CI): runs every stage that needs no GPU (env, the
+#       probes' and pytest selections' imports and collection, the report's options) and prints the command
+#       each GPU stage would run
+# Environment: PYTHON (default python3: the device image has torch there, no venv), TOTAL_S (default 470),
+# TORCH_CUDA_ARCH_LIST (default: the GPU's compute capability), MAX_JOBS (default 16), BENCH_ARGS (extra
+# arguments for bench/report.py), PYTEST_WORKERS (default 8, when pytest-xdist is installed).
+# Exit status: 0 if every stage that ran passed.
 set -uo pipefail
 
-OUTDIR=${1:?usage: scripts/gpu_run.sh OUTDIR [all|check|bench]}
-MODE=${2:-all}
-case "$MODE" in all|check|bench) ;; *) echo "unknown mode '$MODE' (all, check or bench)"; exit 2 ;; esac
-mkdir -p "$OUTDIR" || exit 2
-OUTDIR=$(cd "$OUTDIR" && pwd)
-WORK=${WORK_DIR:-/tmp/opt_fast_gpu_run}
-LOG="$WORK/$MODE"
-rm -rf "$LOG" && mkdir -p "$LOG" || exit 2
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT=${1:?usage: scripts/gpu_run.sh [--dry-run] OUTDIR}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then   # build for the GPU that is here
-  TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-fi
-export TORCH_CUDA_ARCH_LIST
-export MAX_JOBS=${MAX_JOBS:-16}
-TOTAL_S=${TOTAL_S:-570}
-
+TOTAL_S=${TOTAL_S:-470}
+WORK=$(mktemp -d)
+export PYTHONUNBUFFERED=1
 status=0
-printf 'stage\texit\tseconds\n' > "$LOG/stages.tsv"
+SUMMARY="$OUT/summary.log"
+: > "$SUMMARY"
 
-# stage NAME CMD...: run CMD, tee its output into NAME.log, record its exit code and time
-stage() {
-  local name=$1; shift
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+# run NAME LOG CAP CMD...: CMD under `timeout`, output appended to OUTDIR/LOG as it comes; a summary line
+run() {
+  local name=$1 log=$2 cap=$3; shift 3
+  local left=$((TOTAL_S - SECONDS - 10))
+  local t=$((cap < left ? cap : left))
+  if [ "$t" -lt 15 ]; then say "--- ${name}: skipped (${left} s left of TOTAL_S=${TOTAL_S})"; return 0; fi
+  echo "=== ${name} (timeout ${t} s): $*" >> "$OUT/$log"
+  say "--- ${name}: start at ${SECONDS} s, timeout ${t} s"
   local start=$SECONDS
-  echo "=== ${name}: $*" | tee -a "$LOG/summary.log"
-  "$@" 2>&1 | tee "$LOG/${name}.log"
+  timeout --kill-after=10 "$t" "$@" 2>&1 | tee -a "$OUT/$log"
   local rc=${PIPESTATUS[0]}
-  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >> "$LOG/stages.tsv"
-  echo "=== ${name}: exit ${rc} after $((SECONDS - start)) s" | tee -a "$LOG/summary.log"
-  [ "$rc" -eq 0 ] || status=1
+  local note=""
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && note=" (timed out)"
+  say "--- ${name}: exit ${rc}${note} after $((SECONDS - start)) s"
+  if [ "$rc" -ne 0 ]; then
+    status=1
+    [ "$log" = summary.log ] || tail -n 15 "$OUT/$log" | sed 's/^/    /' >> "$SUMMARY"
+  fi
   return "$rc"
 }
 
-# pack everything into OUTDIR (few files: the device tool returns at most 8)
-finish() {
-  echo "=== stages (exit codes):" | tee -a "$LOG/summary.log"
-  column -t -s $'\t' "$LOG/stages.tsv" 2>/dev/null | tee -a "$LOG/summary.log" || cat "$LOG/stages.tsv"
-  tar -czf "$OUTDIR/gpu_run-$MODE.tgz" -C "$WORK" "$MODE"
-  cp "$LOG/summary.log" "$OUTDIR/summary-$MODE.log"
-  # reports from the same minute share a name: prefix each with its folder (report, lowdin, lowdin_tf32x3)
-  for f in "$LOG"/*/*.md "$LOG"/*/*.json; do
-    [ -f "$f" ] && cp "$f" "$OUTDIR/$(basename "$(dirname "$f")")-$(basename "$f")"
-  done
-  exit "$status"
-}
-
-# OPT_FAST_FORCE_CUDA=1: a build that silently leaves out the CUDA kernels is a failed build here;
-# --no-deps --no-index: everything is preinstalled and there is no internet
-build() {
-  stage build env OPT_FAST_FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
-}
-
-if [ "$MODE" != bench ]; then
-  stage env bash -c "nvidia-smi; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU\")'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; git rev-parse HEAD; git status --short"
-  build || { echo "=== build failed: nothing else runs (see build.log)" | tee -a "$LOG/summary.log"; finish; }
-  # which kernel serves each op; fails if the C++/CUDA extension does not load
-  stage backends env OPT_FAST_REQUIRE_EXT=1 "$PY" -c "import opt_fast; opt_fast.backend_report()"
-  # the part no CPU machine can test first
-  stage cuda_tests env OPT_FAST_REQUIRE_EXT=1 "$PY" -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -rs
-  # the Triton launchers on CUDA (interp- and gpu-marked tests; TRITON_INTERPRET must be unset)
-  stage triton_lowdin env -u TRITON_INTERPRET "$PY" -m pytest tests/test_triton_lowdin.py -q -p no:cacheprovider -rs
-  if [ "${SANITIZE:-1}" = "1" ] && command -v compute-sanitizer >/dev/null 2>&1; then
-    # every CUDA kernel once, uncached allocations so that memcheck sees exact buffer ends
-    for tool in memcheck racecheck; do
-      stage "sanitize_${tool}" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 OPT_FAST_REQUIRE_EXT=1 compute-sanitizer \
-        --tool "$tool" --error-exitcode 1 "$PY" -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider -k smoke
-    done
+# gpu NAME LOG CAP CHECK-CMD -- CMD...: CMD on a GPU; in a dry run, CHECK-CMD instead (or nothing: "-")
+gpu() {
+  local name=$1 log=$2 cap=$3 check=$4; shift 5
+  if [ "$DRY" = 1 ]; then
+    say "--- ${name}: would run (cap ${cap} s): $*"
+    [ "$check" = "-" ] || run "${name} [dry-run check]" "$log" 120 bash -c "$check"
+    return
   fi
-  xdist=()
-  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-8}")
-  stage tests env OPT_FAST_REQUIRE_EXT=1 "$PY" -m pytest tests -q -p no:cacheprovider -rs ${xdist[@]+"${xdist[@]}"} \
-    --ignore=tests/test_cuda_kernels.py --ignore=tests/test_triton_lowdin.py
+  run "$name" "$log" "$cap" "$@"
+}
+
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
+COLLECT="$PY -m pytest -q -p no:cacheprovider --collect-only"
+SMOKE=(tests/test_cuda_kernels.py tests/test_triton_lowdin.py -k smoke)
+
+# ---- env ----------------------------------------------------------------------------------------------
+env_report() {
+  echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cpus: $(nproc)  mode: $([ "$DRY" = 1 ] && echo dry-run || echo gpu)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>/dev/null \
+    || echo "nvidia-smi: not available"
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__, "cuda",
+    torch.version.cuda, "| cuda available", torch.cuda.is_available())'
+  "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -n 1
+  (nvcc --version 2>/dev/null | tail -n 1) || echo "nvcc: not available"
+  (compute-sanitizer --version 2>/dev/null | tail -n 1) || echo "compute-sanitizer: not available"
+  local digest
+  digest=$(find csrc opt_fast triton_kernels tests scripts bench setup.py -type f \( -name '*.py' -o -name '*.cu' \
+    -o -name '*.cuh' -o -name '*.cpp' -o -name '*.h' -o -name '*.sh' \) 2>/dev/null | LC_ALL=C sort | xargs sha1sum \
+    | sha1sum | cut -c1-12)
+  echo "source digest: ${digest}  git: $(git rev-parse --short HEAD 2>/dev/null || echo 'no .git')"
+}
+export -f env_report
+export PY DRY WORK OUT
+run env summary.log 90 bash -c env_report
+
+# ---- build --------------------------------------------------------------------------------------------
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 fi
+export TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}
+# --no-deps --no-index: the image has every dependency and no internet
+gpu build build.log 240 "test -f setup.py && $PY -c 'import setuptools, torch.utils.cpp_extension'" -- \
+  env OPT_FAST_FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
+build_rc=$?
+if [ "$DRY" = 0 ] && [ "$build_rc" -ne 0 ]; then
+  say "--- build failed: nothing else can run (build.log)"
+  exit 1
+fi
+gpu backends build.log 30 - -- env OPT_FAST_REQUIRE_EXT=1 "$PY" -c "import opt_fast; opt_fast.backend_report()"
 
-if [ "$MODE" != check ]; then
-  if ! OPT_FAST_REQUIRE_EXT=1 "$PY" -c "import opt_fast, torch; assert torch.cuda.is_available()" 2>/dev/null; then
-    build || { echo "=== build failed: no benchmarks (see build.log)" | tee -a "$LOG/summary.log"; finish; }
+# ---- tests --------------------------------------------------------------------------------------------
+gpu cuda tests.log 100 "$COLLECT tests/test_cuda_kernels.py" -- \
+  env OPT_FAST_REQUIRE_EXT=1 "${PYTEST[@]}" tests/test_cuda_kernels.py
+gpu triton tests.log 120 "env -u TRITON_INTERPRET $COLLECT tests/test_triton_lowdin.py" -- \
+  env -u TRITON_INTERPRET "${PYTEST[@]}" tests/test_triton_lowdin.py
+
+# ---- probes -------------------------------------------------------------------------------------------
+gpu probes probes.log 100 "$PY scripts/gpu_probes.py --dry-run" -- "$PY" scripts/gpu_probes.py
+
+# ---- compute-sanitizer ------------------------------------------------------------------------------
+# only kernels whose name contains "opt_fast" are instrumented (cuBLAS/cuSOLVER would take minutes);
+# uncached allocations so that memcheck sees the exact ends of buffers
+sanitize() {
+  local tool=$1 filter
+  local pytest=("$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_triton_lowdin.py
+                -k smoke)
+  if ! command -v compute-sanitizer >/dev/null 2>&1; then echo "skipped: compute-sanitizer not installed"; return 0; fi
+  if compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=opt_fast)
+  else filter=(--filter kns=opt_fast); fi
+  local log="$WORK/sanitize-$tool.log"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 OPT_FAST_REQUIRE_EXT=1 compute-sanitizer --tool "$tool" "${filter[@]}" \
+    --error-exitcode 1 --print-limit 20 "${pytest[@]}" 2>&1 | tee "$log"   # (live: a timeout keeps what came)
+  local rc=${PIPESTATUS[0]}
+  local refusal="device not supported|error 999|not supported on this|unable to (find|load)|failed to initialize"
+  if [ "$rc" -ne 0 ] && grep -qiE "$refusal" "$log"; then
+    echo "skipped: this host refuses compute-sanitizer ${tool} (exit ${rc})"
+    return 0
   fi
-  # lowdin's grid (d × batch, cold / warm / reuse, fwd and fwd+bwd) first, with its own share of the time;
-  # then the same grid with the Triton float32 products on tensor cores (tf32x3), whose accuracy the
-  # report's gate checks: the candidate for the CUDA targets
-  stage report_lowdin "$PY" bench/report.py --device cuda --full --ops lowdin --no-e2e --out "$LOG/lowdin" \
-    --budget "${LOWDIN_BUDGET_S:-150}"
-  tf32x3_budget=${LOWDIN_TF32X3_BUDGET_S:-$([ "$MODE" = all ] && echo 0 || echo 90)}
-  if [ "$tf32x3_budget" != 0 ]; then
-    stage report_lowdin_tf32x3 env OPT_FAST_TRITON_F32_PRECISION=tf32x3 "$PY" bench/report.py --device cuda \
-      --full --ops lowdin --no-e2e --no-targets --out "$LOG/lowdin_tf32x3" --budget "$tf32x3_budget"
-  fi
-  budget=${BENCH_BUDGET_S:-$(( TOTAL_S - SECONDS - 60 ))}
-  [ "$budget" -lt 60 ] 2>/dev/null && budget=60
-  budget_args=()
-  [ "$budget" != "0" ] && budget_args=(--budget "$budget")
+  return "$rc"
+}
+export -f sanitize
+check="$COLLECT ${SMOKE[*]}"   # (the three tools run the same selection: checked once in a dry run)
+for tool in memcheck racecheck synccheck; do
+  gpu "sanitize_${tool}" sanitize.log 60 "$check" -- bash -c "sanitize $tool"
+  check=-
+done
+
+# ---- the other gpu-marked tests -----------------------------------------------------------------------
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-8}")
+REST=(tests -m gpu --ignore=tests/test_cuda_kernels.py --ignore=tests/test_triton_lowdin.py)
+gpu gpu_rest tests.log 60 "$COLLECT ${REST[*]}" -- \
+  env OPT_FAST_REQUIRE_EXT=1 "${PYTEST[@]}" ${xdist[@]+"${xdist[@]}"} "${REST[@]}"
+
+# ---- benchmark ----------------------------------------------------------------------------------------
+budget=$((TOTAL_S - SECONDS - 60))   # the report stops starting cases at its budget, then writes its files
+report() {
   # shellcheck disable=SC2086
-  stage report "$PY" bench/report.py --device cuda --full --out "$LOG/report" ${budget_args[@]+"${budget_args[@]}"} ${BENCH_ARGS:-}
-  if "$PY" -c "import pytest_benchmark" 2>/dev/null; then
-    stage bench_smoke timeout 50 "$PY" -m pytest bench --benchmark-disable -q -p no:cacheprovider --bench-device cuda
-  fi
+  "$PY" bench/report.py --device cuda --full --out "$WORK/bench" --budget "$budget" ${BENCH_ARGS:-} || return $?
+  for f in "$WORK"/bench/*.md "$WORK"/bench/*.json; do
+    [ -f "$f" ] && cp "$f" "$OUT/bench.${f##*.}"
+  done
+  return 0
+}
+bench_check="$PY bench/report.py --help > $WORK/help.txt && for o in --device --full --out --budget; do \
+  grep -q -- \"\$o\" $WORK/help.txt || { echo \"bench/report.py lost option \$o\"; exit 1; }; done"
+if [ "$DRY" = 1 ] || [ "$budget" -ge 60 ]; then
+  export -f report
+  export budget BENCH_ARGS=${BENCH_ARGS:-}
+  gpu bench bench.log $((budget + 45)) "$bench_check" -- bash -c report
+else
+  say "--- bench: skipped (${budget} s of budget left)"
 fi
-finish
+
+# ---- the device tool brings back at most 8 plain files, no deeper than OUTDIR/a/b ---------------------
+n=$(find "$OUT" -mindepth 1 | wc -l)
+if [ "$n" -gt 8 ] || [ -n "$(find "$OUT" -mindepth 1 -type d)" ]; then
+  say "--- OUTDIR holds ${n} entries or a folder: the device tool would not return them all"; status=1
+fi
+rm -rf "$WORK"
+say "--- done after ${SECONDS} s: $([ "$status" -eq 0 ] && echo 'every stage passed' || echo 'FAILURES above')"
+exit "$status"

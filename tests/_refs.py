@@ -54,6 +54,19 @@ def householder_orthogonal_torch(V: Tensor) -> Tensor:
     return householder_apply_torch(V, eye)
 
 
+def orthogonalize_approx_bf16_torch(G: Tensor, steps: int) -> Tensor:
+    """Muon's quintic Newton–Schulz as the Triton kernels compute it on a GPU (``lowp``): every product's
+    operands rounded to bfloat16, products and sums in float32. Products of bfloat16 values are exact in
+    float32, so this differs from the kernels only by the order of the float32 accumulation. (The loop is
+    opt_fast's plain-torch fallback with this product.)"""
+    from opt_fast.functional import _orthogonalize_approx_torch
+
+    def bf16_matmul(x: Tensor, y: Tensor) -> Tensor:
+        return x.to(torch.bfloat16).float() @ y.to(torch.bfloat16).float()
+
+    return _orthogonalize_approx_torch(G.float(), steps, matmul=bf16_matmul)
+
+
 def _qr_sign(P: Tensor) -> Tensor:
     Q, R = torch.linalg.qr(P)
     sign = torch.sign(R.diagonal(dim1=-2, dim2=-1))

@@ -469,20 +469,49 @@ def test_gram_schmidt_batch64_and_nan():
     assert not Q[1, :, :10].isnan().any()  # columns before the NaN one do not see it
 
 
+@pytest.mark.parametrize("block_size", [0, 8])
 @pytest.mark.parametrize("dtype", [F32, F64])
-def test_gram_schmidt_rank_deficient(dtype):
-    # forward: finite and orthonormal like the reference (Householder fallback); backward: the CPU's error
-    P = torch.randn(2, 30, 30, dtype=F64)
+def test_gram_schmidt_rank_deficient(dtype, block_size):
+    """Forward: finite and orthonormal with P = QR (the kernel orthonormalises a stand-in for an exactly
+    dependent column, in the first panel or a later one); backward: non-finite without a host sync, the
+    CPU's error under anomaly mode."""
+    P = torch.randn(3, 30, 30, dtype=F64)
     P[0, :, 7] = 0            # a zero column: Gram-Schmidt would divide 0 by 0
     P[1, :, 12] = P[1, :, 3]  # an exactly repeated column
+    P[2, :, 20:23] = 0        # three zero columns in a later panel
     Pd = to(P, dtype)
-    Q = ops.gram_schmidt(Pd, 0)
+    Q = ops.gram_schmidt(Pd, block_size)
     assert torch.isfinite(Q).all()
     assert orth_err(Q) <= (1e-5 if dtype == F32 else 1e-12)
     R = torch.triu(Q.mT @ Pd)
     torch.testing.assert_close(Q @ R, Pd, rtol=0, atol=1e-4 if dtype == F32 else 1e-11)
-    with pytest.raises(RuntimeError, match=r"opt_fast.gram_schmidt_backward: P is rank deficient"):
-        ops.gram_schmidt_backward(torch.ones_like(Q), Pd[:1], Q[:1])
+    g = ops.gram_schmidt_backward(torch.ones_like(Q), Pd, Q)
+    assert not torch.isfinite(g[0]).all() and not torch.isfinite(g[2]).all()
+    with torch.autograd.set_detect_anomaly(True):
+        with pytest.raises(RuntimeError, match=r"opt_fast.gram_schmidt_backward: P is rank deficient"):
+            ops.gram_schmidt_backward(torch.ones_like(Q), Pd[:1], Q[:1])
+
+
+def test_gram_schmidt_tiny_and_huge_float64_columns():
+    """Residual norms rescaled where the sum of squares under- or overflows in double."""
+    P = torch.randn(2, 20, 6, dtype=F64)
+    P[0, :, 2] *= 1e-200
+    P[1, :, 4] *= 1e200
+    Q = ops.gram_schmidt(to(P, F64), 0)
+    torch.testing.assert_close(Q.cpu(), RG.gram_schmidt_ref(P), rtol=0, atol=1e-12)
+
+
+def test_gram_schmidt_no_host_sync():
+    P = to(torch.randn(4, 70, 50, dtype=F64), F32)
+    Q = ops.gram_schmidt(P, 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        Q = ops.gram_schmidt(P, 0)
+        ops.gram_schmidt(P, 16)
+        ops.gram_schmidt_backward(torch.ones_like(Q), P, Q)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # ---- gradcheck (float64, small sizes): autograd -> the CUDA backward ops ---------------------------------

@@ -2,7 +2,7 @@
 
 Forward: the reference's Newton–Schulz-type iteration (opt_fast/reference/lowdin.py, whose docstring has the
 derivation and the measurements), on batched [b, d, d] matrices, every product one launch of
-``matmul.mm`` over a (tiles × batch) grid:
+``matmul.mm`` over batch × tiles programs, on the input's device and its current stream (``_device``):
 
 * Gram A = XᵀX: upper-triangle tiles only, mirrored in the epilogue, which also writes each tile's share
   of ||A - I||_F² (the stopping measurement costs no extra pass);
@@ -56,6 +56,8 @@ from torch import Tensor
 from opt_fast import _checks
 from opt_fast.reference import lowdin as _ref
 
+from . import INTERPRET
+from ._device import on_input_device
 from .matmul import mm
 
 __all__ = ["lowdin", "lowdin_backward", "orthogonalize_approx"]
@@ -72,23 +74,18 @@ def _worst(err2: Tensor, d: int) -> float:
     return math.sqrt(float(e.max())) / math.sqrt(d) if e.numel() else 0.0
 
 
-def _coef_table(iters: int, lo: float, hi: float, like: Tensor) -> Tensor:
-    """The fixed schedule's [a, b] rows, uploaded once (no per-step host-to-device copy)."""
-    rows = []
-    for _ in range(iters):
-        a, b, lo, hi = _ref._design_step(lo, hi)
-        rows.append((a, b))
-    return torch.tensor(rows, dtype=like.dtype).to(like.device)
-
-
-def _drive(step: Callable[[object, bool], Optional[Tensor]], err2: Optional[Tensor], iters: int,
+def _drive(step: Callable[[Tuple[float, float], bool], Optional[Tensor]], err2: Optional[Tensor], iters: int,
            lo: float, hi: float, d: int, dtype) -> None:
-    """The reference's ``_iterate`` control flow; ``step(coef, measure)`` does one polynomial step on the
-    caller's state and returns the new ||A - I||_F² when ``measure``. ``coef`` is (a, b) or a device row."""
+    """The reference's ``_iterate`` control flow; ``step((a, b), measure)`` does one polynomial step on the
+    caller's state and returns the new ||A - I||_F² when ``measure``.
+
+    A fixed ``iters`` never synchronises with the host (the coefficients are kernel arguments). The
+    converging mode reads one number per step (the worst measured error): its stopping rule and the
+    interval tightening need it, as in the reference."""
     if iters > 0:
-        table = _coef_table(iters, lo, hi, err2 if err2 is not None else torch.empty(0))
         for k in range(iters):
-            step(table[k], k + 1 < iters)   # the next step needs the Gram matrix; nothing is measured
+            a, b, lo, hi = _ref._design_step(lo, hi)
+            step((a, b), k + 1 < iters)   # the next step needs the Gram matrix; nothing is measured
         return
     tol = _ref._tolerance(dtype)
     cap = len(_ref._SCHEDULE) + _ref._TAIL_STEPS
@@ -104,10 +101,6 @@ def _drive(step: Callable[[object, bool], Optional[Tensor]], err2: Optional[Tens
         a, b, lo, hi = _ref._design_step(lo, hi)
         err2 = step((a, b), True)
         k += 1
-
-
-def _ab(coef):
-    return (coef, 0.0) if torch.is_tensor(coef) else coef
 
 
 # ---- forward ---------------------------------------------------------------------------------------------
@@ -147,6 +140,7 @@ def _warm_start(P: Tensor, R0: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]
     return R0.clone(), A, err2
 
 
+@on_input_device
 def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
     """``opt_fast::lowdin`` on CUDA (or under TRITON_INTERPRET=1): the reference's semantics exactly."""
     _checks.lowdin(P, iters, R0)
@@ -169,7 +163,7 @@ def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
 
     def step(coef, measure):
         X, Xn = state
-        a, b = _ab(coef)
+        a, b = coef
         mm(Xn, [(X, A, 1.0)], xin=X, alpha=a, beta=b)
         state[0], state[1] = Xn, X
         return _gram(A, Xn) if measure else None
@@ -180,6 +174,7 @@ def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
 
 # ---- backward --------------------------------------------------------------------------------------------
 
+@on_input_device
 def lowdin_backward(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
     """``opt_fast::lowdin_backward``: dP = R Y, H Y + Y H = RᵀG - GᵀR, H = sym(RᵀP), by the sign iteration
     of [[H, C], [0, -H]] on the forward's schedule (module docstring)."""
@@ -211,7 +206,7 @@ def lowdin_backward(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
 
     def step(coef, measure):
         D, E, Dn, En = state
-        a, b = _ab(coef)
+        a, b = coef
         mm(W, [(D, E, 1.0)])
         mm(En, [(E, S, 1.0), (S, E, 1.0), (W, D, -1.0)], xin=E, alpha=a, beta=b, sym=-1)
         mm(Dn, [(D, S, 1.0)], xin=D, alpha=a, beta=b, sym=1)
@@ -229,10 +224,11 @@ def lowdin_backward(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
 from opt_fast.functional import MUON_COEFS  # noqa: E402  (one definition)
 
 
-def orthogonalize_approx(G: Tensor, steps: int = 5) -> Tensor:
+@on_input_device
+def orthogonalize_approx(G: Tensor, steps: int = 5, lowp: Optional[bool] = None) -> Tensor:
     """Muon's quintic Newton–Schulz on [..., m, n]: APPROXIMATE (see opt_fast.functional.orthogonalize_approx).
-    Products in bfloat16 with float32 accumulation on CUDA; exact float32 products under the interpreter
-    (its bfloat16 is broken)."""
+    ``lowp`` (default: on a GPU) takes the products in bfloat16 with float32 accumulation, else in float32
+    (``F32_PRECISION``); the interpreter always computes float32 (its bfloat16 is broken)."""
     a, b, c = MUON_COEFS
     shape = G.shape
     m, n = shape[-2], shape[-1]
@@ -242,7 +238,7 @@ def orthogonalize_approx(G: Tensor, steps: int = 5) -> Tensor:
     if m > n:   # iterate on the smaller Gram side
         X = X.mT
     X = (X / (torch.linalg.matrix_norm(X)[..., None, None] + 1e-7)).contiguous()
-    lowp = X.is_cuda
+    lowp = (not INTERPRET) if lowp is None else (lowp and not INTERPRET)
     k = X.shape[-2]
     A, B, Xn = X.new_empty(X.shape[0], k, k), X.new_empty(X.shape[0], k, k), torch.empty_like(X)
     for _ in range(steps):

@@ -7,6 +7,8 @@
 // Backward: the QR adjoint of opt_fast/reference/gram_schmidt.py,
 //     R = triu(Qᵀ P),  M = -Gᵀ Q,  grad_P = (G + Q copyltu(M)) R⁻ᵀ,
 // three GEMMs, one kernel and one triangular solve (at::linalg_solve_triangular), all batched.
+// Neither direction reads a value back to the host (outside anomaly mode, below), so both run ahead of the
+// GPU and inside CUDA graph capture.
 #include "../opt_fast.h"
 #include "cuda_scope.h"
 #include "gram_schmidt_kernels.cuh"
@@ -16,6 +18,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/autograd/anomaly_mode.h>
 
 #include <algorithm>
 
@@ -38,12 +41,13 @@ void check_gs_input(const char* op, const Tensor& P) {
               P.sizes());
 }
 
-// The columns Wt[:, c, :] (rows of the [B, jb, m] view Wt, unit stride along m) orthonormalised in place.
-void panel_qr_(const Tensor& Wt, cudaStream_t stream) {
+// The columns Wt[:, c, :] (rows of the [B, jb, m] view Wt, unit stride along m; column j0 + c of P)
+// orthonormalised in place.
+void panel_qr_(const Tensor& Wt, int64_t j0, cudaStream_t stream) {
   TORCH_INTERNAL_ASSERT(Wt.size(2) <= 1 || Wt.stride(2) == 1);
   AT_DISPATCH_FLOATING_TYPES(Wt.scalar_type(), "gram_schmidt_panel_cuda", [&] {
     C10_CUDA_CHECK(k::gs_panel_qr<scalar_t>(Wt.data_ptr<scalar_t>(), Wt.stride(0), Wt.stride(1), 1, Wt.size(0),
-                                            Wt.size(2), Wt.size(1), stream));
+                                            Wt.size(2), Wt.size(1), j0, stream));
   });
 }
 
@@ -55,21 +59,16 @@ void project_out_(const Tensor& Wt, const Tensor& Qpt) {
   Wt.sub_(at::bmm(C.mT(), Qpt));
 }
 
-// Rank-deficient P (documented in opt_fast/reference/gram_schmidt.py): the forward must stay finite and
-// the backward must raise, as on the CPU. Gram-Schmidt divides by a residual norm that is exactly zero for
-// such columns, so a finite P whose Q came out non-finite is recomputed by Householder QR (cuSOLVER through
-// ATen, the reference's sign rule: R_jj = 0 takes +1). Both checks read one flag back to the host; they are
-// skipped while a CUDA graph is being captured (a sync is not allowed there).
+// Rank-deficient P (documented in opt_fast/reference/gram_schmidt.py): the forward stays finite by
+// construction (the panel kernel replaces an exactly dependent column by an orthonormalised stand-in, see
+// gram_schmidt_kernels.cu); the backward's R then has a zero diagonal entry and its solve gives inf/NaN.
+// The CPU raises there, which here would need the result on the host: a synchronisation on every backward
+// call. So the check only runs under torch.autograd.set_detect_anomaly(True) (the mode whose job is to
+// stop at a non-finite gradient, and which synchronises anyway), and otherwise the gradient stays
+// non-finite. Skipped during CUDA graph capture.
 bool capturing() { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
 
 bool all_finite(const Tensor& t) { return at::isfinite(t).all().item<bool>(); }
-
-Tensor householder_q(const Tensor& P3) {
-  const auto [Q, R] = at::linalg_qr(P3, "reduced");
-  const auto diag = R.diagonal(0, -2, -1);
-  const auto sign = at::where(diag.lt(0), -1.0, 1.0).to(diag.scalar_type());
-  return Q * sign.unsqueeze(-2);
-}
 
 Tensor gram_schmidt_cuda(const Tensor& P, int64_t block_size) {
   const char* op = "gram_schmidt";
@@ -86,14 +85,12 @@ Tensor gram_schmidt_cuda(const Tensor& P, int64_t block_size) {
     if (j0 > 0) {
       const auto Qpt = Qt.narrow(1, 0, j0);
       project_out_(Wt, Qpt);
-      panel_qr_(Wt, scope.stream);
+      panel_qr_(Wt, j0, scope.stream);
       project_out_(Wt, Qpt);
     }
-    panel_qr_(Wt, scope.stream);
+    panel_qr_(Wt, j0, scope.stream);
   }
-  auto Q = Qt.mT().contiguous();
-  if (!capturing() && !all_finite(Q) && all_finite(P)) Q = householder_q(P.reshape({B, m, n})).contiguous();
-  return Q.view(P.sizes());
+  return Qt.mT().contiguous().view(P.sizes());
 }
 
 Tensor gram_schmidt_backward_cuda(const Tensor& grad, const Tensor& P, const Tensor& Q) {
@@ -119,7 +116,8 @@ Tensor gram_schmidt_backward_cuda(const Tensor& grad, const Tensor& P, const Ten
   const auto rhs = at::baddbmm(G, Q3, Msym);  // G + Q copyltu(-GᵀQ)
   // X Rᵀ = rhs
   const auto dP = at::linalg_solve_triangular(R.mT(), rhs, /*upper=*/false, /*left=*/false);
-  TORCH_CHECK(capturing() || all_finite(dP) || !(all_finite(grad) && all_finite(P) && all_finite(Q)), "opt_fast.", op,
+  const bool check = torch::autograd::AnomalyMode::is_enabled() && !capturing();
+  TORCH_CHECK(!check || all_finite(dP) || !(all_finite(grad) && all_finite(P) && all_finite(Q)), "opt_fast.", op,
               ": P is rank deficient (R = QᵀP has a zero diagonal entry), so Q is not a differentiable ",
               "function of P there and the gradient is undefined");
   return dP.contiguous().view(P.sizes());

@@ -1,0 +1,87 @@
+"""The calls the ahead-of-time compile check (aot.py, scripts/check_gpu_compile.sh) makes, per target.
+
+Each case calls the real launchers on CPU tensors for every size × dtype it lists; whatever kernels they
+launch get compiled for the target and checked. The sizes span the supported range where the launch
+configuration or Triton's specialisation changes: d = 1 (sizes specialised to 1), small tiles aligned
+and not (32, 27), large tiles not aligned and aligned (100, 1024), and a batch beyond the 65535 programs
+of a grid's y axis.
+
+Adding a kernel (e.g. for a new op) takes two things here:
+
+    register_kernel(my_module._my_kernel, "OUT")          # the @triton.jit kernel and the args it writes
+
+    @case("my_op", sizes=D_RANGE, dtypes=(F32, F64))
+    def _my_op(d, dtype):
+        my_module.my_op(torch.randn(2, d, d, dtype=dtype))  # the launcher, as a user calls it
+
+The stub zero-fills the registered outputs at each launch (no kernel runs): write the case so that the
+launcher's data-dependent branches (convergence loops, certificates) reach every kernel on zeros, as the
+lowdin cases below do. A launcher that reads a tuning table per GPU should be called once per entry.
+"""
+import contextlib
+
+import torch
+
+from . import lowdin as L
+from . import matmul as MM
+from .aot import case, register_kernel
+
+F32, F64 = torch.float32, torch.float64
+D_RANGE = (1, 27, 32, 100, 1024)
+
+register_kernel(MM.opt_fast_mm_kernel, "OUT", "PART")
+
+
+@contextlib.contextmanager
+def f32_precision(prec: str):
+    old = MM.F32_PRECISION
+    MM.F32_PRECISION = prec
+    try:
+        yield
+    finally:
+        MM.F32_PRECISION = old
+
+
+def _precisions(dtype):
+    """float32 runs once per tl.dot precision a user can select (OPT_FAST_TRITON_F32_PRECISION)."""
+    return MM.F32_PRECISIONS if dtype == F32 else ("ieee",)
+
+
+# With zero-filled outputs the Gram matrices come back 0: the cold start measures ||0 - I|| (not
+# converged), takes one measured step (whose Gram, 0 again, reads as converged); the warm start's
+# certificate (||skew(R0ᵀP)|| = 0, ||R0ᵀR0 - I|| = 0) accepts R0. Every kernel of each path is launched.
+
+@case("lowdin", sizes=D_RANGE, dtypes=(F32, F64))
+def _lowdin(d, dtype):
+    P = torch.randn(2, d, d, dtype=dtype)
+    for prec in _precisions(dtype):
+        with f32_precision(prec):
+            L.lowdin(P)               # converging mode, cold start
+            L.lowdin(P, 2)            # fixed schedule
+            L.lowdin(P, 0, P.mT)      # warm start (non-contiguous R0)
+
+
+@case("lowdin_backward", sizes=D_RANGE, dtypes=(F32, F64))
+def _lowdin_backward(d, dtype):
+    P = torch.randn(2, d, d, dtype=dtype)
+    for prec in _precisions(dtype):
+        with f32_precision(prec):
+            L.lowdin_backward(torch.randn_like(P), P, P)
+            L.lowdin_backward(torch.ones(1, 1, 1, dtype=dtype).expand(2, d, d), P, P)   # stride-0 grad
+
+
+@case("orthogonalize_approx", sizes=(1, 27, 100, 1024), dtypes=(F32,))
+def _orthogonalize_approx(d, dtype):
+    G = torch.randn(2, d, 2 * d + 1, dtype=dtype)
+    L.orthogonalize_approx(G)             # bfloat16 products (the GPU default)
+    L.orthogonalize_approx(G.mT)          # tall: iterates on the transpose
+    for prec in MM.F32_PRECISIONS:
+        with f32_precision(prec):
+            L.orthogonalize_approx(G, lowp=False)
+
+
+@case("lowdin batch 70000", sizes=(2,), dtypes=(F32,))
+def _big_batch(d, dtype):
+    P = torch.randn(70000, d, d, dtype=dtype)
+    L.lowdin(P)
+    L.lowdin_backward(P, P, P)
