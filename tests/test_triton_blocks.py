@@ -8,16 +8,15 @@ numpy (the resident cayley_neumann kernels' rank-1 loops make b = 33 take second
 path, the program loop, chunked R tiles and several row splits within reach of those small shapes.
 ``gpu`` tests check the ops as registered on CUDA (torch.ops.opt_fast, opcheck, gradcheck) at real sizes.
 """
-import os
-
 import pytest
 import torch
+from _refs import INTERPRET
+from _refs import triton_device as _device
 
 from opt_fast.reference.block_apply import block_apply_backward_ref, block_apply_ref
 from opt_fast.reference.cayley_neumann import (cayley_neumann_backward_ref, cayley_neumann_powers_ref,
                                                cayley_neumann_ref)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 pytestmark = [
     pytest.mark.interp,
     # Triton 3.6's interpreter indexes with 1-element numpy arrays (NumPy's deprecation, not ours)
@@ -26,14 +25,6 @@ pytestmark = [
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
 F32, F64 = torch.float32, torch.float64
-
-
-def _device() -> str:
-    if torch.cuda.is_available() and not INTERPRET:
-        return "cuda"
-    if INTERPRET:
-        return "cpu"
-    pytest.skip("needs TRITON_INTERPRET=1 (set before import; scripts/run_tests.sh stage 2) or a CUDA device")
 
 
 @pytest.fixture
@@ -76,6 +67,16 @@ def close(out, ref64, torch32=None, tol64=1e-12):
     else:
         e, e_t = err(out, ref64), err(torch32, ref64)
         assert e <= 2 * e_t + 1e-6 * scale, f"err {e:.3e} > 2 x torch {e_t:.3e}"
+
+
+def same_errors(launcher, reference, bad_args):
+    """Each bad input raises the reference's RuntimeError, word for word."""
+    for args in bad_args:
+        with pytest.raises(RuntimeError) as ref:
+            reference(*args)
+        with pytest.raises(RuntimeError) as got:
+            launcher(*args)
+        assert str(got.value) == str(ref.value)
 
 
 def skew_input(b, batch=(), dtype=F64, dev="cpu", scale=0.3):
@@ -141,12 +142,7 @@ def test_cn_empty_and_checks(CN, dev):
     assert CN.cayley_neumann_backward(S, S, 5).shape == (0, 4, 4)
     bad = [(torch.randn(3, 4, device=dev), 5), (torch.randn(4, 4, device=dev), -1),
            (torch.ones(4, 4, dtype=torch.int32, device=dev), 5)]
-    for args in bad:
-        with pytest.raises(RuntimeError) as ref:
-            cayley_neumann_ref(*args)
-        with pytest.raises(RuntimeError) as got:
-            CN.cayley_neumann(*args)
-        assert str(got.value) == str(ref.value)
+    same_errors(CN.cayley_neumann, cayley_neumann_ref, bad)
     S = torch.randn(2, 4, 4, device=dev)
     with pytest.raises(RuntimeError, match="cayley_neumann_backward: expected grad of shape"):
         CN.cayley_neumann_backward(S[0], S, 5)
@@ -176,21 +172,31 @@ def test_cn_backward_odd_sizes(CN, dev, b, terms, dtype):
     close(CN.cayley_neumann_powers_backward(G.to(dtype), S.to(dtype), P, terms), ref, t32)
 
 
-def test_cn_gradcheck_float64(CN, dev):
+def launcher_function(forward, backward):
+    """An autograd.Function from launchers: forward(*inputs) -> (output, *saved for backward),
+    backward(grad, *saved) -> the inputs' gradients."""
     class F(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, S):
-            R, P = CN.cayley_neumann_powers(S, 4)
-            ctx.save_for_backward(S, P)
-            return R
+        def forward(ctx, *inputs):
+            out, *saved = forward(*inputs)
+            ctx.save_for_backward(*saved)
+            return out
 
         @staticmethod
         def backward(ctx, g):
-            S, P = ctx.saved_tensors
-            return CN.cayley_neumann_powers_backward(g, S, P, 4)
+            return backward(g, *ctx.saved_tensors)
 
+    return F.apply
+
+
+def test_cn_gradcheck_float64(CN, dev):
+    def forward(S):
+        R, P = CN.cayley_neumann_powers(S, 4)
+        return R, S, P
+
+    f = launcher_function(forward, lambda g, S, P: CN.cayley_neumann_powers_backward(g, S, P, 4))
     S = torch.randn(1, 2, 2, dtype=F64, device=dev, requires_grad=True)
-    assert torch.autograd.gradcheck(F.apply, (S,), fast_mode=True)
+    assert torch.autograd.gradcheck(f, (S,), fast_mode=True)
 
 
 # ---- cayley_neumann: tiled path ------------------------------------------------------------------------
@@ -299,30 +305,16 @@ def test_block_apply_checks_match_reference(BA, dev):
     R, X, p = block_inputs(2, 3, 7, (2,), dev=dev)
     bad = [(R[0], X, p), (R, X.float(), p), (R, X, p[:-1]), (R, X, p.int()), (R, X[..., :5], None),
            (R.int(), X, p), (R, X, torch.zeros_like(p))]
-    for args in bad:
-        with pytest.raises(RuntimeError) as ref:
-            block_apply_ref(*args)
-        with pytest.raises(RuntimeError) as got:
-            BA.block_apply(*args)
-        assert str(got.value) == str(ref.value)
+    same_errors(BA.block_apply, block_apply_ref, bad)
     with pytest.raises(RuntimeError, match="block_apply_backward: expected grad of shape"):
         BA.block_apply_backward(X[0], R, X, p)
 
 
 def test_block_apply_gradcheck_float64(BA, dev):
-    class F(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, R, X, p):
-            ctx.save_for_backward(R, X, p)
-            return BA.block_apply(R, X, p)
-
-        @staticmethod
-        def backward(ctx, g):
-            R, X, p = ctx.saved_tensors
-            return (*BA.block_apply_backward(g, R, X, p), None)
-
+    f = launcher_function(lambda R, X, p: (BA.block_apply(R, X, p), R, X, p),
+                          lambda g, R, X, p: (*BA.block_apply_backward(g, R, X, p), None))
     R, X, p = block_inputs(2, 3, 8, (2,), dev=dev)
-    assert torch.autograd.gradcheck(F.apply, (R.requires_grad_(), X.requires_grad_(), p), fast_mode=True)
+    assert torch.autograd.gradcheck(f, (R.requires_grad_(), X.requires_grad_(), p), fast_mode=True)
 
 
 # ---- launch configs as data ----------------------------------------------------------------------------
