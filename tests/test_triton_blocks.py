@@ -308,6 +308,10 @@ def test_block_apply_checks_match_reference(BA, dev):
     same_errors(BA.block_apply, block_apply_ref, bad)
     with pytest.raises(RuntimeError, match="block_apply_backward: expected grad of shape"):
         BA.block_apply_backward(X[0], R, X, p)
+    with pytest.raises(RuntimeError, match="block_apply_backward: expected grad of dtype torch.float64"):
+        BA.block_apply_backward(X.float(), R, X, p)
+    with pytest.raises(RuntimeError, match="block_apply: expected perm to be a permutation"):
+        BA.block_apply_backward(X, R, X, torch.zeros_like(p))
 
 
 def test_block_apply_gradcheck_float64(BA, dev):

@@ -15,6 +15,10 @@ TRITON_TYPE = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp1
                torch.int64: "i64"}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 class Launch(NamedTuple):
     constexprs: Dict[str, object]
     num_warps: int

@@ -31,7 +31,7 @@ from torch import Tensor
 from opt_fast import _checks
 
 from . import INTERPRET
-from ._launch import TRITON_TYPE, Launch, device_guard, f32_precision
+from ._launch import TRITON_TYPE, Launch, device_guard, dtype_name, f32_precision
 
 __all__ = ["block_apply", "block_apply_backward", "apply_launch", "grad_r_launch", "aot_cases"]
 
@@ -167,7 +167,7 @@ def aot_cases() -> Iterator[Tuple[str, object, dict, Launch]]:
         x, r = "*" + TRITON_TYPE[xd], "*" + TRITON_TYPE[rd]
         for b in (16, 32, 64):
             for has_perm in (False, True):
-                tag = f"{str(xd)[6:]}/{str(rd)[6:]},b={b}{'+' if b == 64 else ''},perm={int(has_perm)}"
+                tag = f"{dtype_name(xd)}/{dtype_name(rd)},b={b}{'+' if b == 64 else ''},perm={int(has_perm)}"
                 sig = dict(X=x, x_r="i32", x_c="i32", Y=x, R=r, r_j="i32", r_o="i32", r_k="i32", PERM="*i64",
                            rows="i32", n="i32", nb="i32", b="i32", chunks="i32", per_row="i32")
                 yield f"block_apply[{tag}]", _apply_kernel, sig, apply_launch(b, rd, has_perm)
@@ -224,11 +224,16 @@ def _grad_r(G2: Tensor, X2: Tensor, R: Tensor, perm: Optional[Tensor]) -> Tensor
 
 
 def block_apply_backward(grad: Tensor, R: Tensor, X: Tensor, perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """``opt_fast::block_apply_backward``: (grad_R = Σ_rows g_j x_jᵀ, grad_X = the product with every R_jᵀ)."""
-    _checks.grad_like("block_apply_backward", grad, X.shape)
+    """``opt_fast::block_apply_backward``: (grad_R = Σ_rows g_j x_jᵀ, grad_X = the product with every R_jᵀ).
+    The forward's checks and grad in X's dtype, as the C++ backward makes them."""
+    op = "block_apply_backward"
+    _checks.grad_like(op, grad, X.shape)
+    _checks.block_apply(R, X, perm)
+    if grad.dtype != X.dtype:
+        _checks.fail(op, f"expected grad of dtype {X.dtype}, got {grad.dtype}")
     nb, b = R.shape[0], R.shape[-1]
     with device_guard(X):
-        grad_X = _apply(grad, R.mT, perm, nb, b).to(X.dtype)
+        grad_X = _apply(grad, R.mT, perm, nb, b)
         if X.numel() == 0 or nb == 0:
             return torch.zeros(R.shape, dtype=R.dtype, device=R.device), grad_X
         return _grad_r(_rows(grad), _rows(X), R, perm), grad_X

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from opt_fast import _checks
 
-from ._launch import TRITON_TYPE, Launch, device_guard
+from ._launch import TRITON_TYPE, Launch, device_guard, dtype_name
 from .cayley_neumann_resident import cn_backward_kernel, cn_forward_kernel
 from .matmul import mm
 
@@ -39,9 +39,10 @@ __all__ = ["cayley_neumann", "cayley_neumann_powers", "cayley_neumann_backward",
            "forward_launch", "backward_launch", "aot_cases", "RESIDENT_MAX"]
 
 HALF = (torch.float16, torch.bfloat16)
-# Largest block size served by the one-program-per-block kernels, per compute dtype (chosen from the
-# sm_80 / sm_90 compile check: registers without spills; scripts/check_triton_compile.py). Tests lower it
-# to cover the tiled path at small b.
+# Largest block size served by the one-program-per-block kernels, per compute dtype. Their registers do
+# not grow with the block (row strips; every variant compiles for sm_80 / sm_90 without spills,
+# scripts/check_triton_compile.py), but one program a block leaves a GPU idle when blocks are few and
+# large, and the workspace grows as BB²: above 128 the tiled path. Tests lower it to reach that path.
 RESIDENT_MAX = {torch.float32: 128, torch.float64: 128}
 
 
@@ -114,10 +115,6 @@ def aot_cases(terms_list=(0, 1, 2, 3, 4, 5, 6)) -> Iterator[Tuple[str, object, d
                     if flag or terms // 2 < 3:
                         yield (f"cayley_neumann_bwd[{tag}]", cn_backward_kernel,
                                _signature(cn_backward_kernel, dtype), backward_launch(bb, dtype, terms, flag))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _programs(nblocks: int, slots: int, launch: Launch, device: torch.device) -> int:
@@ -309,8 +306,6 @@ def cayley_neumann_powers_backward(grad: Tensor, S: Tensor, powers: Tensor, term
     """``opt_fast::cayley_neumann_powers_backward``: grad_S from the saved powers."""
     op = "cayley_neumann_powers_backward"
     _checks.grad_like(op, grad, S.shape)
-    if S.numel() == 0:
-        return torch.empty(S.shape, dtype=S.dtype, device=S.device)
     h = terms // 2
     if powers.dim() != S.dim() + 1 or powers.shape[-3] != h:
         _checks.fail(op, f"expected powers of shape [..., {h}, b, b] for terms = {terms}, got {list(powers.shape)}")
