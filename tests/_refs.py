@@ -6,6 +6,7 @@ the dtype of its inputs, so it serves both as the float64 reference (on upcast i
 same-dtype PyTorch yardstick of the accuracy rule.
 """
 import contextlib
+import os
 from collections import Counter
 
 import torch
@@ -211,3 +212,20 @@ class OpCounter(TorchDispatchMode):
     @property
     def forward_calls(self):
         return sum(n for op, n in self.calls.items() if not op.endswith("_backward"))
+
+
+# ---- where the Triton launcher tests run -----------------------------------------------------------
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def triton_device() -> str:
+    """"cuda" when a device is visible and TRITON_INTERPRET is unset, "cpu" under the interpreter (tensors
+    on the CPU), else the test is skipped."""
+    import pytest
+
+    if torch.cuda.is_available() and not INTERPRET:
+        return "cuda"
+    if INTERPRET:
+        return "cpu"
+    pytest.skip("needs TRITON_INTERPRET=1 (set before import; scripts/run_tests.sh stage 2) or a CUDA device")

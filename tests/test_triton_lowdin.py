@@ -7,14 +7,14 @@ mirror, the schedule, NaN isolation, the backward's algebra), not TF32/bf16 effe
 accuracy checks at d = 576 / 1024 on CUDA.
 """
 import math
-import os
 
 import pytest
 import torch
+from _refs import INTERPRET
+from _refs import triton_device as _device
 
 from opt_fast.reference.lowdin import lowdin_backward_ref, lowdin_ref
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 pytestmark = [
     pytest.mark.interp,
     # Triton 3.6's interpreter indexes with 1-element numpy arrays (NumPy's deprecation, not ours)
@@ -22,14 +22,6 @@ pytestmark = [
 ]
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
-
-
-def _device() -> str:
-    if torch.cuda.is_available() and not INTERPRET:
-        return "cuda"
-    if INTERPRET:
-        return "cpu"
-    pytest.skip("needs TRITON_INTERPRET=1 (set before import; scripts/run_tests.sh stage 2) or a CUDA device")
 
 
 @pytest.fixture

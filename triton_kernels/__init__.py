@@ -21,3 +21,12 @@ if HAS_TRITON:
 
     LAUNCHERS["lowdin"] = _lowdin.lowdin
     LAUNCHERS["lowdin_backward"] = _lowdin.lowdin_backward
+
+    from . import block_apply as _block_apply  # noqa: E402
+    from . import cayley_neumann as _cayley_neumann  # noqa: E402
+
+    for _op in ("cayley_neumann", "cayley_neumann_backward", "cayley_neumann_powers",
+                "cayley_neumann_powers_backward"):
+        LAUNCHERS[_op] = getattr(_cayley_neumann, _op)
+    LAUNCHERS["block_apply"] = _block_apply.block_apply
+    LAUNCHERS["block_apply_backward"] = _block_apply.block_apply_backward
