@@ -22,14 +22,21 @@ import contextlib
 
 import torch
 
+from . import block_apply as BA
+from . import cayley_neumann as CN
+from . import cayley_neumann_resident as CNR
 from . import lowdin as L
 from . import matmul as MM
 from .aot import case, register_kernel
 
-F32, F64 = torch.float32, torch.float64
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 D_RANGE = (1, 27, 32, 100, 1024)
 
 register_kernel(MM.opt_fast_mm_kernel, "OUT", "PART")
+register_kernel(CNR.opt_fast_cn_forward_kernel, "R", "POW", "WS")
+register_kernel(CNR.opt_fast_cn_backward_kernel, "OUT", "WS")
+register_kernel(BA.opt_fast_block_apply_kernel, "Y")
+register_kernel(BA.opt_fast_block_grad_r_kernel, "OUT")
 
 
 @contextlib.contextmanager
@@ -85,3 +92,32 @@ def _big_batch(d, dtype):
     P = torch.randn(70000, d, d, dtype=dtype)
     L.lowdin(P)
     L.lowdin_backward(P, P, P)
+
+
+# Block sizes: 1 (specialised), 16 / 64 (divisible by 16), 27 / 100 (padded to 32 / 128), 200 (above the
+# resident kernels: cayley_neumann's tiled path). terms: k = 0 and 2 (the even branches), 5 (the default,
+# odd, h = 2: the backward recomputes the powers) and 6 (h = 3: the backward reads saved powers).
+B_RANGE = (1, 16, 27, 64, 100, 200)
+
+
+@case("cayley_neumann", sizes=B_RANGE, dtypes=(F32, F64, BF16))
+def _cayley_neumann(b, dtype):
+    S = torch.randn(3, b, b, dtype=dtype)
+    for terms in (0, 2, 5, 6):
+        CN.cayley_neumann(S, terms)
+        _, powers = CN.cayley_neumann_powers(S, terms)
+        CN.cayley_neumann_backward(S, S, terms)
+        CN.cayley_neumann_powers_backward(S, S, powers, terms)
+
+
+@case("block_apply", sizes=(1, 16, 27, 64, 100), dtypes=(F32, F64, BF16, F16))
+def _block_apply(b, dtype):
+    rdtype = dtype if dtype in (F32, F64) else F32      # half X runs with float32 R
+    R = torch.randn(3, b, b, dtype=rdtype)
+    X = torch.randn(5, 3 * b + 2, dtype=dtype)          # two columns of identity remainder
+    perm = torch.randperm(X.shape[-1])
+    for prec in _precisions(rdtype):
+        with f32_precision(prec):
+            for p in (None, perm):
+                BA.block_apply(R, X, p)
+                BA.block_apply_backward(X, R, X, p)

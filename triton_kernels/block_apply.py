@@ -3,7 +3,7 @@
 The spec is opt_fast/reference/block_apply.py: Y[..., perm] = blockdiag(R_1..R_nb) X[..., perm], each row
 of X a column vector, the coordinates perm[nb·b:] passed through unchanged. In row form y_j = x_j R_jᵀ.
 
-* ``_apply_kernel`` (forward, and grad_X = the same product with every R_j transposed: a stride swap):
+* ``opt_fast_block_apply_kernel`` (forward, and grad_X = the same product with every R_j transposed: a stride swap):
   one program per (row tile, block j, output column chunk). The permutation is fused into the loads and
   the stores: the program reads the b indices perm[j·b : (j+1)·b] and loads X[rows, perm[j·b + k]]
   directly, multiplies by R_jᵀ (loaded in BK × BO chunks, all of R_j at once for b <= 64), and stores to
@@ -11,7 +11,7 @@ of X a column vector, the coordinates perm[nb·b:] passed through unchanged. In 
   remainder columns perm[nb·b:] (the same gather/scatter, no product). Program order: the blocks of a
   row tile are consecutive, so the row tile's cache lines, which a random permutation spreads over all
   blocks, are reused from L2.
-* ``_grad_r_kernel``: grad_R_j = Σ_rows g_jᵀ x_j (rows as the reduction dimension), split-K over the rows:
+* ``opt_fast_block_grad_r_kernel``: grad_R_j = Σ_rows g_jᵀ x_j (rows as the reduction dimension), split-K over the rows:
   one program per (row split, block, b × b output tile); with several splits each writes its partial
   sum to a [splits, nb, b, b] buffer that one ``sum(0)`` reduces: deterministic (no atomics), at the cost
   of splits × nb·b² floats, small next to X.
@@ -21,7 +21,7 @@ float32, Y stored in X's dtype), or R and X float64. float32 products use ``inpu
 (the package's float32 choice, matmul.F32_PRECISION). Indices outside 0..n-1 (an invalid perm; it is
 validated on CPU only, a check on CUDA would synchronise) are masked: wrong values, never a memory fault.
 """
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -31,9 +31,10 @@ from torch import Tensor
 from opt_fast import _checks
 
 from . import INTERPRET
-from ._launch import TRITON_TYPE, Launch, device_guard, dtype_name, f32_precision
+from ._device import on_input_device
+from ._launch import Launch, f32_precision
 
-__all__ = ["block_apply", "block_apply_backward", "apply_launch", "grad_r_launch", "aot_cases"]
+__all__ = ["block_apply", "block_apply_backward", "apply_launch", "grad_r_launch"]
 
 # (BR, BO, BK) forced for every launch (tests use it to cover chunked R at small b); None = by size.
 BLOCK_OVERRIDE: Optional[Tuple[int, int, int]] = None
@@ -52,7 +53,7 @@ def _columns(PERM, idx, valid, n, HAS_PERM: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(X, x_r, x_c, Y, R, r_j, r_o, r_k, PERM, rows, n, nb, b, chunks, per_row,
+def opt_fast_block_apply_kernel(X, x_r, x_c, Y, R, r_j, r_o, r_k, PERM, rows, n, nb, b, chunks, per_row,
                   HAS_PERM: tl.constexpr, BR: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr,
                   F64: tl.constexpr, PREC: tl.constexpr):
     """Y[r, perm[j·b + o]] = Σ_k X[r, perm[j·b + k]] · Rv[j, o, k] (Rv = R, or Rᵀ per block for grad_X);
@@ -87,7 +88,7 @@ def _apply_kernel(X, x_r, x_c, Y, R, r_j, r_o, r_k, PERM, rows, n, nb, b, chunks
 
 
 @triton.jit
-def _grad_r_kernel(G, g_r, g_c, X, x_r, x_c, OUT, PERM, rows, n, nb, b, tiles, rows_per_split,
+def opt_fast_block_grad_r_kernel(G, g_r, g_c, X, x_r, x_c, OUT, PERM, rows, n, nb, b, tiles, rows_per_split,
                    HAS_PERM: tl.constexpr, BR: tl.constexpr, BI: tl.constexpr, F64: tl.constexpr,
                    PREC: tl.constexpr):
     """OUT[s, j, i, l] = Σ_{r in split s} G[r, perm[j·b + i]] · X[r, perm[j·b + l]] for the BI × BI tile
@@ -127,15 +128,23 @@ def _tiles(b: int, f64: bool) -> Tuple[int, int, int]:
     bb = _block(b)
     if INTERPRET:   # the interpreter pays per program and per loop trip, not per FLOP: few large tiles
         return 64, min(bb, 128), min(bb, 128)
-    if f64:   # 32 × 64 float64 tiles spilled a word on sm_80 (scripts/check_triton_compile.py)
+    if f64:   # 32 × 64 float64 tiles spilled a word on sm_80 (scripts/check_gpu_compile.sh)
         return 32, min(bb, 32), min(bb, 32)
     return 64, min(bb, 64), min(bb, 32)
 
 
+# Register cap: with none, ptxas aimed at an occupancy target (72-96 registers) and spilled 8-24 B in some
+# stride specialisations, float32 and float64 (scripts/check_gpu_compile.sh); capped at the maximum it
+# spends what the tile needs.
+_MAXNREG = 255
+
+
 def apply_launch(b: int, r_dtype: torch.dtype, has_perm: bool) -> Launch:
-    f64 = r_dtype == torch.float64
+    f64, prec = r_dtype == torch.float64, f32_precision(r_dtype)
     br, bo, bk = _tiles(b, f64)
-    return Launch(dict(HAS_PERM=has_perm, BR=br, BO=bo, BK=bk, F64=f64, PREC=f32_precision(r_dtype)), 4)
+    if prec == "tf32x3" and BLOCK_OVERRIDE is None:   # three passes: 64 × 64 spilled 32-48 B at 255 on sm_80
+        bo = min(bo, 32)
+    return Launch(dict(HAS_PERM=has_perm, BR=br, BO=bo, BK=bk, F64=f64, PREC=prec), 4, maxnreg=_MAXNREG)
 
 
 def grad_r_launch(b: int, r_dtype: torch.dtype, has_perm: bool) -> Launch:
@@ -144,7 +153,8 @@ def grad_r_launch(b: int, r_dtype: torch.dtype, has_perm: bool) -> Launch:
     br, bo, bk = _tiles(b, f64)
     if BLOCK_OVERRIDE is None and not INTERPRET:   # 64 × 64 tiles took 241-255 registers (sm_80 / sm_90)
         br, bo = bk, min(bo, 32)
-    return Launch(dict(HAS_PERM=has_perm, BR=br, BI=bo, F64=f64, PREC=f32_precision(r_dtype)), 4)
+    return Launch(dict(HAS_PERM=has_perm, BR=br, BI=bo, F64=f64, PREC=f32_precision(r_dtype)), 4,
+                  maxnreg=_MAXNREG)
 
 
 def _splits(rows: int, programs: int, br: int) -> int:
@@ -154,26 +164,6 @@ def _splits(rows: int, programs: int, br: int) -> int:
     if INTERPRET:
         return 1
     return max(1, min(triton.cdiv(512, programs), triton.cdiv(rows, 4 * br)))
-
-
-DTYPE_PAIRS = ((torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
-               (torch.float16, torch.float32))
-
-
-def aot_cases() -> Iterator[Tuple[str, object, dict, Launch]]:
-    """(name, kernel, signature, launch) for every variant the launchers pick on a GPU: X / R dtypes,
-    padded block sizes 16, 32, >= 64 (the tile shapes saturate there), perm given or None."""
-    for xd, rd in DTYPE_PAIRS:
-        x, r = "*" + TRITON_TYPE[xd], "*" + TRITON_TYPE[rd]
-        for b in (16, 32, 64):
-            for has_perm in (False, True):
-                tag = f"{dtype_name(xd)}/{dtype_name(rd)},b={b}{'+' if b == 64 else ''},perm={int(has_perm)}"
-                sig = dict(X=x, x_r="i32", x_c="i32", Y=x, R=r, r_j="i32", r_o="i32", r_k="i32", PERM="*i64",
-                           rows="i32", n="i32", nb="i32", b="i32", chunks="i32", per_row="i32")
-                yield f"block_apply[{tag}]", _apply_kernel, sig, apply_launch(b, rd, has_perm)
-                sig = dict(G=x, g_r="i32", g_c="i32", X=x, x_r="i32", x_c="i32", OUT=r, PERM="*i64", rows="i32",
-                           n="i32", nb="i32", b="i32", tiles="i32", rows_per_split="i32")
-                yield f"block_apply_grad_R[{tag}]", _grad_r_kernel, sig, grad_r_launch(b, rd, has_perm)
 
 
 # ---- launchers -----------------------------------------------------------------------------------------
@@ -195,16 +185,16 @@ def _apply(X: Tensor, Rv: Tensor, perm: Optional[Tensor], nb: int, b: int) -> Te
     chunks = triton.cdiv(b, bo) if nb else 0
     per_row = nb * chunks + triton.cdiv(n - nb * b, bo)
     grid = (triton.cdiv(rows, br) * per_row,)
-    _apply_kernel[grid](X2, *X2.stride(), Y, Rv, *Rv.stride(), perm if perm is not None else X2, rows, n, nb, b,
+    opt_fast_block_apply_kernel[grid](X2, *X2.stride(), Y, Rv, *Rv.stride(), perm if perm is not None else X2, rows, n, nb, b,
                         chunks, per_row, **launch.constexprs, **launch.options())
     return Y
 
 
+@on_input_device
 def block_apply(R: Tensor, X: Tensor, perm: Optional[Tensor] = None) -> Tensor:
     """``opt_fast::block_apply`` on CUDA (or under TRITON_INTERPRET=1)."""
     _checks.block_apply(R, X, perm)
-    with device_guard(X):
-        return _apply(X, R, perm, R.shape[0], R.shape[-1])
+    return _apply(X, R, perm, R.shape[0], R.shape[-1])
 
 
 def _grad_r(G2: Tensor, X2: Tensor, R: Tensor, perm: Optional[Tensor]) -> Tensor:
@@ -217,12 +207,13 @@ def _grad_r(G2: Tensor, X2: Tensor, R: Tensor, perm: Optional[Tensor]) -> Tensor
     per_split = triton.cdiv(triton.cdiv(rows, splits), br) * br
     splits = triton.cdiv(rows, per_split)
     out = torch.empty((splits, nb, b, b), dtype=R.dtype, device=R.device)
-    _grad_r_kernel[(tiles * tiles * nb * splits,)](
+    opt_fast_block_grad_r_kernel[(tiles * tiles * nb * splits,)](
         G2, *G2.stride(), X2, *X2.stride(), out, perm if perm is not None else X2, rows, n, nb, b, tiles, per_split,
         **launch.constexprs, **launch.options())
     return out[0] if splits == 1 else out.sum(0)
 
 
+@on_input_device
 def block_apply_backward(grad: Tensor, R: Tensor, X: Tensor, perm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``opt_fast::block_apply_backward``: (grad_R = Σ_rows g_j x_jᵀ, grad_X = the product with every R_jᵀ).
     The forward's checks and grad in X's dtype, as the C++ backward makes them."""
@@ -232,8 +223,7 @@ def block_apply_backward(grad: Tensor, R: Tensor, X: Tensor, perm: Optional[Tens
     if grad.dtype != X.dtype:
         _checks.fail(op, f"expected grad of dtype {X.dtype}, got {grad.dtype}")
     nb, b = R.shape[0], R.shape[-1]
-    with device_guard(X):
-        grad_X = _apply(grad, R.mT, perm, nb, b)
-        if X.numel() == 0 or nb == 0:
-            return torch.zeros(R.shape, dtype=R.dtype, device=R.device), grad_X
-        return _grad_r(_rows(grad), _rows(X), R, perm), grad_X
+    grad_X = _apply(grad, R.mT, perm, nb, b)
+    if X.numel() == 0 or nb == 0:
+        return torch.zeros(R.shape, dtype=R.dtype, device=R.device), grad_X
+    return _grad_r(_rows(grad), _rows(X), R, perm), grad_X

@@ -23,7 +23,7 @@ float64; float16/bfloat16 S is computed in float32 and returned in S's dtype (li
 kernel), the saved powers too.
 """
 import functools
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -31,17 +31,18 @@ from torch import Tensor
 
 from opt_fast import _checks
 
-from ._launch import TRITON_TYPE, Launch, device_guard, dtype_name
-from .cayley_neumann_resident import cn_backward_kernel, cn_forward_kernel
+from ._device import on_input_device
+from ._launch import Launch
+from .cayley_neumann_resident import opt_fast_cn_backward_kernel, opt_fast_cn_forward_kernel
 from .matmul import mm
 
 __all__ = ["cayley_neumann", "cayley_neumann_powers", "cayley_neumann_backward", "cayley_neumann_powers_backward",
-           "forward_launch", "backward_launch", "aot_cases", "RESIDENT_MAX"]
+           "forward_launch", "backward_launch", "RESIDENT_MAX"]
 
 HALF = (torch.float16, torch.bfloat16)
 # Largest block size served by the one-program-per-block kernels, per compute dtype. Their registers do
 # not grow with the block (row strips; every variant compiles for sm_80 / sm_90 without spills,
-# scripts/check_triton_compile.py), but one program a block leaves a GPU idle when blocks are few and
+# scripts/check_gpu_compile.sh), but one program a block leaves a GPU idle when blocks are few and
 # large, and the workspace grows as BB²: above 128 the tiled path. Tests lower it to reach that path.
 RESIDENT_MAX = {torch.float32: 128, torch.float64: 128}
 
@@ -68,7 +69,7 @@ def _block(b: int) -> int:
 def _strips(bb: int):
     """(RB, num_warps): strips of RB rows, 2-4 accumulator entries a thread. Larger strips (8-16 entries)
     leave each product fewer passes over its right factor but took 250+ registers in the float64
-    backward (scripts/check_triton_compile.py), where every variant here stays under ~150."""
+    backward (scripts/check_gpu_compile.sh), where every variant here stays under ~150."""
     return {16: (16, 4), 32: (16, 4), 64: (8, 4)}.get(bb, (8, 8))
 
 
@@ -89,32 +90,6 @@ def forward_launch(b: int, dtype: torch.dtype, terms: int, powers: bool) -> Opti
 
 def backward_launch(b: int, dtype: torch.dtype, terms: int, has_powers: bool) -> Optional[Launch]:
     return _launch(b, dtype, terms, "HAS_POWERS", has_powers)
-
-
-def _signature(kernel, dtype: torch.dtype) -> dict:
-    t, w = "*" + TRITON_TYPE[dtype], "*" + TRITON_TYPE[_compute_dtype(dtype)]
-    if kernel is cn_forward_kernel:
-        return dict(S=t, s_b="i32", s_r="i32", s_c="i32", R=t, POW=t, WS=w, nblocks="i32", b="i32")
-    return dict(G=t, g_b="i32", g_r="i32", g_c="i32", S=t, s_b="i32", s_r="i32", s_c="i32", POW=t, OUT=t, WS=w,
-                nblocks="i32", b="i32")
-
-
-def aot_cases(terms_list=(0, 1, 2, 3, 4, 5, 6)) -> Iterator[Tuple[str, object, dict, Launch]]:
-    """(name, kernel, signature, launch) for every resident variant the launchers can pick: each padded
-    block size, S dtype and terms value, powers kept / recomputed (the launcher always supplies the
-    powers to the backward for h = ⌊k/2⌋ >= 3)."""
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        for bb in (16, 32, 64, 128):
-            if bb > RESIDENT_MAX[_compute_dtype(dtype)]:
-                continue
-            for terms in terms_list:
-                for flag in (False, True) if terms >= 2 else (False,):
-                    tag = f"{dtype_name(dtype)},BB={bb},k={terms},powers={int(flag)}"
-                    yield (f"cayley_neumann_fwd[{tag}]", cn_forward_kernel, _signature(cn_forward_kernel, dtype),
-                           forward_launch(bb, dtype, terms, flag))
-                    if flag or terms // 2 < 3:
-                        yield (f"cayley_neumann_bwd[{tag}]", cn_backward_kernel,
-                               _signature(cn_backward_kernel, dtype), backward_launch(bb, dtype, terms, flag))
 
 
 def _programs(nblocks: int, slots: int, launch: Launch, device: torch.device) -> int:
@@ -243,26 +218,27 @@ def _forward(S: Tensor, terms: int, want_powers: bool, op: str) -> Tuple[Tensor,
         return R, pw
     S3 = _blocks3(S)
     launch = forward_launch(b, S.dtype, terms, want_powers)
-    with device_guard(S):
-        if launch is not None:
-            nprog = _programs(S3.shape[0], FWD_SLOTS, launch, S.device)
-            cn_forward_kernel[(nprog,)](
-                S3, *S3.stride(), R, pw if pw is not None else R, _workspace(nprog, FWD_SLOTS, launch, S),
-                S3.shape[0], b, **launch.constexprs, **launch.options())
-            return R, pw
-        A = _skew(S3)
-        P = _tiled_powers(A, h) if terms > 0 else []
-        R.copy_(_tiled_forward(A, P, terms).view(S.shape))
-        if pw is not None and h > 0:
-            pw.copy_(torch.stack(P, dim=1).view(pw.shape))
+    if launch is not None:
+        nprog = _programs(S3.shape[0], FWD_SLOTS, launch, S.device)
+        opt_fast_cn_forward_kernel[(nprog,)](
+            S3, *S3.stride(), R, pw if pw is not None else R, _workspace(nprog, FWD_SLOTS, launch, S),
+            S3.shape[0], b, **launch.constexprs, **launch.options())
+        return R, pw
+    A = _skew(S3)
+    P = _tiled_powers(A, h) if terms > 0 else []
+    R.copy_(_tiled_forward(A, P, terms).view(S.shape))
+    if pw is not None and h > 0:
+        pw.copy_(torch.stack(P, dim=1).view(pw.shape))
     return R, pw
 
 
+@on_input_device
 def cayley_neumann(S: Tensor, terms: int = 5) -> Tensor:
     """``opt_fast::cayley_neumann`` on CUDA (or under TRITON_INTERPRET=1)."""
     return _forward(S, terms, False, "cayley_neumann")[0]
 
 
+@on_input_device
 def cayley_neumann_powers(S: Tensor, terms: int = 5) -> Tuple[Tensor, Tensor]:
     """``opt_fast::cayley_neumann_powers``: R and the powers Yʲ, j = 1..⌊k/2⌋, stacked on dim -3."""
     return _forward(S, terms, True, "cayley_neumann_powers")
@@ -275,33 +251,34 @@ def _backward(grad: Tensor, S: Tensor, powers: Optional[Tensor], terms: int) -> 
         return out
     S3, G3 = _blocks3(S), _blocks3(grad)
     launch = backward_launch(b, S.dtype, terms, powers is not None)
-    with device_guard(S):
-        if launch is not None:
-            if h >= 3 and powers is None:   # the adjoint loop reads P_j back: compute them once
-                powers = _forward(S, terms, True, "cayley_neumann_powers")[1]
-                launch = backward_launch(b, S.dtype, terms, True)
-            pw = powers.reshape(-1, h, b, b).contiguous() if powers is not None else out
-            nprog = _programs(S3.shape[0], BWD_SLOTS, launch, S.device)
-            cn_backward_kernel[(nprog,)](
-                G3, *G3.stride(), S3, *S3.stride(), pw, out, _workspace(nprog, BWD_SLOTS, launch, S),
-                S3.shape[0], b, **launch.constexprs, **launch.options())
-            return out
-        A = _skew(S3)
-        if powers is not None and h > 0:
-            P = list(powers.reshape(-1, h, b, b).to(A.dtype).unbind(1))
-            P = [p.contiguous() for p in P]
-        else:
-            P = _tiled_powers(A, h) if h > 0 else []
-        out.copy_(_tiled_backward(G3.to(A.dtype), A, P, terms).view(S.shape))
+    if launch is not None:
+        if h >= 3 and powers is None:   # the adjoint loop reads P_j back: compute them once
+            powers = _forward(S, terms, True, "cayley_neumann_powers")[1]
+            launch = backward_launch(b, S.dtype, terms, True)
+        pw = powers.reshape(-1, h, b, b).contiguous() if powers is not None else out
+        nprog = _programs(S3.shape[0], BWD_SLOTS, launch, S.device)
+        opt_fast_cn_backward_kernel[(nprog,)](
+            G3, *G3.stride(), S3, *S3.stride(), pw, out, _workspace(nprog, BWD_SLOTS, launch, S),
+            S3.shape[0], b, **launch.constexprs, **launch.options())
+        return out
+    A = _skew(S3)
+    if powers is not None and h > 0:
+        P = list(powers.reshape(-1, h, b, b).to(A.dtype).unbind(1))
+        P = [p.contiguous() for p in P]
+    else:
+        P = _tiled_powers(A, h) if h > 0 else []
+    out.copy_(_tiled_backward(G3.to(A.dtype), A, P, terms).view(S.shape))
     return out
 
 
+@on_input_device
 def cayley_neumann_backward(grad: Tensor, S: Tensor, terms: int) -> Tensor:
     """``opt_fast::cayley_neumann_backward``: grad_S, the powers recomputed."""
     _checks.grad_like("cayley_neumann_backward", grad, S.shape)
     return _backward(grad, S, None, terms)
 
 
+@on_input_device
 def cayley_neumann_powers_backward(grad: Tensor, S: Tensor, powers: Tensor, terms: int) -> Tensor:
     """``opt_fast::cayley_neumann_powers_backward``: grad_S from the saved powers."""
     op = "cayley_neumann_powers_backward"

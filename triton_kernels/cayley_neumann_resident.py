@@ -9,7 +9,7 @@ streamed from the slots (L1/L2 resident: BB = 128, float32 is 64 KiB a slot):
 * a thread holds about 8 accumulator entries and one slice of a column / row per k. ``tl.dot`` with
   float32 "ieee" precision is an FMA loop too, but holds each thread's operand rows and columns for all
   of K (and needs K >= 16): the whole-block version of these kernels spilled from BB = 64 on (sm_80:
-  15 KB of spill stores in the BB = 64 backward), see scripts/check_triton_compile.py;
+  15 KB of spill stores in the BB = 64 backward), see scripts/check_gpu_compile.sh;
 * whole-block values never live in registers, so the register use does not grow with BB;
 * a step writes its result strips to a slot and ends with a barrier, so the next step reads them from
   any thread (and a slot is only rewritten after the step that read it has ended).
@@ -117,7 +117,7 @@ def _comb_step(DST, X, cx, cxt, C0, c0, b, RB: tl.constexpr, BB: tl.constexpr):
 
 
 @triton.jit
-def cn_forward_kernel(S, s_b, s_r, s_c, R, POW, WS, nblocks, b,
+def opt_fast_cn_forward_kernel(S, s_b, s_r, s_c, R, POW, WS, nblocks, b,
                       TERMS: tl.constexpr, POWERS: tl.constexpr, RB: tl.constexpr, BB: tl.constexpr,
                       F64: tl.constexpr):
     """R (and the powers P_1..P_h when POWERS) of blocks pid, pid + nprog, ...; 5 workspace slots:
@@ -180,7 +180,7 @@ def cn_forward_kernel(S, s_b, s_r, s_c, R, POW, WS, nblocks, b,
 
 
 @triton.jit
-def cn_backward_kernel(G, g_b, g_r, g_c, S, s_b, s_r, s_c, POW, OUT, WS, nblocks, b,
+def opt_fast_cn_backward_kernel(G, g_b, g_r, g_c, S, s_b, s_r, s_c, POW, OUT, WS, nblocks, b,
                        TERMS: tl.constexpr, HAS_POWERS: tl.constexpr, RB: tl.constexpr, BB: tl.constexpr,
                        F64: tl.constexpr):
     """grad_S = W − Wᵀ of blocks pid, pid + nprog, ... (csrc/cpu/cayley_neumann.cpp, backward_impl);

@@ -164,7 +164,9 @@ def smem_estimate(cfg: Config, nprod: int, itemsize: int) -> int:
 # registers with 4 warps and spill; with 8 warps and BK = 16 one or two products compile without spills on
 # sm_80 and sm_90 in every dtype (BK = 32 spills a few bytes in some), while three products (the backward's
 # E step) and small matrices only compile spill-free as 32 × 32 tiles at BK = 16 with 4 warps (ptxas even
-# spills 32 × 32 float64 tiles at BK = 32 on sm_90, at 80 registers).
+# spills 32 × 32 float64 tiles at BK = 32 on sm_90, at 80 registers). Two float64 products with an input
+# term or a triangle (cayley_neumann's tiled path) spilled 8-16 B at 64 × 64: float64 takes the 32 × 32 list
+# from two products on.
 _LAST = Config(32, 16, 4, 1)   # fits 48 KB whatever the dtype
 _SMALL = (Config(32, 16, 4, 3), Config(32, 16, 4, 2), _LAST)
 _LARGE = {1: (Config(64, 16, 8, 3), Config(64, 16, 8, 2), Config(32, 16, 4, 2), _LAST),
@@ -185,14 +187,19 @@ def smem_limit() -> int:
     return _device_smem(driver.active.get_current_device())
 
 
+def candidates(size: int, nprod: int, itemsize: int) -> Tuple[Config, ...]:
+    """The configs for max(m, n) = size, ``nprod`` products of ``itemsize``-byte operands, best first."""
+    return _SMALL if size <= 32 else _LARGE[3 if itemsize == 8 and nprod >= 2 else nprod]
+
+
 def pick_config(size: int, nprod: int, itemsize: int, limit: int) -> Config:
     """The launch configuration for max(m, n) = size, ``nprod`` products of operands of ``itemsize`` bytes
-    on a device with ``limit`` bytes of shared memory per block."""
-    candidates = _SMALL if size <= 32 else _LARGE[nprod]
-    for cfg in candidates:
+    on a device with ``limit`` bytes of shared memory per block: the first candidate that fits."""
+    candidates_ = candidates(size, nprod, itemsize)
+    for cfg in candidates_:
         if smem_estimate(cfg, nprod, itemsize) <= limit:
             return cfg
-    return candidates[-1]
+    return candidates_[-1]
 
 
 def _config(m: int, n: int, k: int, nprod: int, itemsize: int) -> Config:
