@@ -54,9 +54,10 @@ def parser():
     a("--batch-size", type=int, default=D.batch_size, help="global batch in sequences (split across ranks)")
     a("--seq-len", type=int, default=D.seq_len)
     a("--lr", type=float, default=None, help="peak lr (default 2e-3; 1e-3 fine-tuning)")
-    a("--opt-lr", type=float, default=None, help="peak lr of the OPT rotation parameters (default 5e-3; 2e-3 "
-      "fine-tuning)")
-    a("--weight-decay", type=float, default=D.weight_decay)
+    a("--opt-lr", type=float, default=None, help="peak lr of the OPT rotation parameters (default 5e-3; = --lr "
+      "when fine-tuning)")
+    a("--weight-decay", type=float, default=None, help="AdamW/Muon decoupled decay of the plain 2-D weights "
+      "(default 0.1; 0 when fine-tuning)")
     a("--warmup", type=int, default=None, help="warmup steps (default 10%% of --steps); cosine to 10%% after")
     a("--clip", type=float, default=D.clip, help="global gradient-norm clip (0 = off)")
     a("--eval-every", type=int, default=D.eval_every)

@@ -27,6 +27,27 @@ def _load_avg() -> str:
         return "n/a"
 
 
+def _finished(run):
+    """The metrics of a completed run with the same resolved configuration in run.out, else None."""
+    path = os.path.join(run.out, "metrics.json")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = m.get("config") == run.resolved().to_dict() and m.get("steps_done") == m["config"]["steps"]
+    return m if same else None
+
+
+def _note_load(folder, load):
+    path = os.path.join(folder, "metrics.json")
+    with open(path) as f:
+        m = json.load(f)
+    m["load_average"] = load
+    with open(path, "w") as f:
+        json.dump(m, f, indent=1)
+
+
 def run_compare(cfg, names, argv=None):
     if not cfg.out:
         fail("--compare needs --out (the folder for the per-run folders and the table)")
@@ -39,14 +60,22 @@ def run_compare(cfg, names, argv=None):
     for name in names:
         method, optimizer = _parse(name, cfg)
         print(f"== {name}", flush=True)
+        run = dataclasses.replace(cfg, method=method, optimizer=optimizer,
+                                  out=os.path.join(cfg.out, name.replace("+", "_")))
+        done = _finished(run)
+        if done is not None:  # an interrupted comparison restarted: keep the runs it completed
+            print(f"   reusing the finished run in {run.out}", flush=True)
+            results[name], loads[name] = done, done.get("load_average", ["n/a", "n/a"])
+            continue
         loads[name] = [_load_avg()]
         try:
-            results[name] = train_lm(dataclasses.replace(cfg, method=method, optimizer=optimizer,
-                                                         out=os.path.join(cfg.out, name.replace("+", "_"))))
+            results[name] = train_lm(run)
         except SystemExit as e:  # e.g. a diverged loss: record it, go on with the others
             failed[name] = str(e.code)
             print(e.code, file=sys.stderr)
         loads[name].append(_load_avg())
+        if name in results and int(os.environ.get("RANK", "0")) == 0:
+            _note_load(run.out, loads[name])
     if not results:
         fail("--compare: every run failed: " + "; ".join(f"{m}: {v}" for m, v in failed.items()))
     if int(os.environ.get("RANK", "0")) != 0:

@@ -39,8 +39,8 @@ class LMConfig:
     batch_size: int = 8               # global batch (split across DDP ranks)
     seq_len: int = 256
     lr: Optional[float] = None        # default 2e-3 (pretraining), 1e-3 (fine-tuning)
-    opt_lr: Optional[float] = None    # lr of the OPT rotation parameters; default 5e-3 / 2e-3
-    weight_decay: float = 0.1
+    opt_lr: Optional[float] = None    # lr of the OPT rotation parameters; default 5e-3 / = lr (fine-tuning)
+    weight_decay: Optional[float] = None  # default 0.1 (pretraining), 0 (fine-tuning)
     warmup: Optional[int] = None      # default: 10 % of --steps
     clip: float = 1.0
     # evaluation and run control
@@ -70,7 +70,8 @@ class LMConfig:
         c.merge_every = c.merge_every if c.merge_every is not None else (0 if ft else 50)
         c.terms = c.terms if c.terms is not None else (3 if ft else 5)
         c.lr = c.lr if c.lr is not None else (1e-3 if ft else 2e-3)
-        c.opt_lr = c.opt_lr if c.opt_lr is not None else (2e-3 if ft else 5e-3)
+        c.opt_lr = c.opt_lr if c.opt_lr is not None else (c.lr if ft else 5e-3)
+        c.weight_decay = c.weight_decay if c.weight_decay is not None else (0.0 if ft else 0.1)
         c.warmup = c.warmup if c.warmup is not None else max(1, c.steps // 10)
         if c.vocab_size is None:
             c.vocab_size = SIZES[c.model]["vocab_size"] if c.model in SIZES else 4096
@@ -100,8 +101,8 @@ def validate(cfg: LMConfig) -> None:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.merge_every < 0 or cfg.save_every < 0 or cfg.terms < 0 or cfg.warmup < 0:
         fail("--merge-every, --save-every, --terms and --warmup must be >= 0")
-    if cfg.lr <= 0 or cfg.opt_lr <= 0:
-        fail("--lr and --opt-lr must be > 0")
+    if cfg.lr <= 0 or cfg.opt_lr <= 0 or cfg.weight_decay < 0:
+        fail("--lr and --opt-lr must be > 0, --weight-decay >= 0")
     if cfg.stop_after is not None and not 1 <= cfg.stop_after <= cfg.steps:
         fail(f"--stop-after must be in 1..--steps ({cfg.steps}), got {cfg.stop_after}")
     if cfg.corpus_mb is not None and cfg.corpus_mb <= 0:

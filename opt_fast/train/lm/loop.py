@@ -38,7 +38,8 @@ from .model import count_parameters
 
 FORMAT = "opt_fast.train.lm/1"
 _RESUME_KEYS = ("model", "method", "optimizer", "corpus", "corpus_mb", "tokenizer", "vocab_size", "seed", "steps",
-                "batch_size", "seq_len", "block_size", "sides", "merge_every", "terms", "fresh_w0", "lr", "opt_lr")
+                "batch_size", "seq_len", "block_size", "sides", "merge_every", "terms", "fresh_w0", "lr", "opt_lr",
+                "weight_decay")
 
 
 def _progress(step, steps, loss, tok_s, val, enabled):
@@ -153,15 +154,21 @@ def _corpus(cfg, dist, tokenizer_json, splits):
     return corpus if corpus is not None else load()
 
 
+def _device(name: str, dist) -> torch.device:
+    if not (dist.enabled and name.startswith("cuda")):
+        return torch.device(name)
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank
+    torch.cuda.set_device(local)
+    return local
+
+
 def _train(cfg: LMConfig, dist, return_model: bool):
-    device = torch.device(cfg.device)
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    main = dist.rank == 0
-    state = ckpt.load(cfg.resume) if cfg.resume else None
-    if state is not None:
+    device = _device(cfg.device, dist)
+    state = None
+    if cfg.resume:
+        state = ckpt.load(cfg.resume)
         _check_resume(cfg, state)
+    main = dist.rank == 0
     if cfg.batch_size % dist.world:
         fail(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({dist.world})")
 
@@ -191,12 +198,11 @@ def _train(cfg: LMConfig, dist, return_model: bool):
     history, losses, step, train_time = [], [], 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
-        for o, s in zip(opts, state["optimizers"]):
-            o.load_state_dict(s)
-        for sc, s in zip(scheds, state["schedulers"]):
-            sc.load_state_dict(s)
+        stateful = [*zip(opts, state["optimizers"]), *zip(scheds, state["schedulers"])]
         if merger is not None:
-            merger.load_state_dict(state["merge_schedule"])
+            stateful.append((merger, state["merge_schedule"]))
+        for obj, saved in stateful:
+            obj.load_state_dict(saved)
         set_rng_state(state["rng"])
         history, losses, step, train_time = state["history"], state["losses"], state["step"], state["train_time"]
     else:
