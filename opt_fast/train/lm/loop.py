@@ -89,6 +89,12 @@ def spectrum_check(model) -> dict:
             "max_rel_to_norm": max(per_norm.values()) if per_norm else None, "per_layer": per}
 
 
+def _spectrum_summary(final: dict, at_merges: list) -> dict:
+    """The check at every merge (the merged weight vs the W0 it replaces) and at the end of training."""
+    vals = [m["max_rel"] for m in at_merges] + ([final["max_rel"]] if final["max_rel"] is not None else [])
+    return {"max_rel": max(vals) if vals else None, "at_merges": at_merges, "final": final}
+
+
 def _fingerprint(model, device) -> torch.Tensor:
     parts = []
     for _, m in block_layers(model):
@@ -195,7 +201,7 @@ def _train(cfg: LMConfig, dist, return_model: bool):
     opts = optim_mod.build(model, cfg.optimizer, cfg.lr, cfg.opt_lr, cfg.weight_decay)
     scheds = optim_mod.schedule(opts, cfg.steps, cfg.warmup)
     merger = MergeSchedule(model, cfg.merge_every, opts[0]) if cfg.merge_every and block_layers(model) else None
-    history, losses, step, train_time = [], [], 0, 0.0
+    history, losses, spectra, step, train_time = [], [], [], 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         stateful = [*zip(opts, state["optimizers"]), *zip(scheds, state["schedulers"])]
@@ -204,7 +210,8 @@ def _train(cfg: LMConfig, dist, return_model: bool):
         for obj, saved in stateful:
             obj.load_state_dict(saved)
         set_rng_state(state["rng"])
-        history, losses, step, train_time = state["history"], state["losses"], state["step"], state["train_time"]
+        history, losses, spectra = state["history"], state["losses"], state["spectra"]
+        step, train_time = state["step"], state["train_time"]
     else:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -233,7 +240,7 @@ def _train(cfg: LMConfig, dist, return_model: bool):
         ckpt.atomic_save({"format": FORMAT, "config": cfg.to_dict(), "step": step, "model": model.state_dict(),
                           "optimizers": [o.state_dict() for o in opts], "schedulers": [s.state_dict() for s in scheds],
                           "merge_schedule": merger.state_dict() if merger else None, "rng": rng_state(),
-                          "history": history, "losses": losses, "train_time": train_time,
+                          "history": history, "losses": losses, "spectra": spectra, "train_time": train_time,
                           "tokenizer": corpus.tokenizer.to_json(), "vocab_size": corpus.vocab_size},
                          os.path.join(out, "checkpoint.pt"))
 
@@ -268,10 +275,16 @@ def _train(cfg: LMConfig, dist, return_model: bool):
         loss.backward()
         optim_mod.step_all(opts, scheds, params, cfg.clip)
         step += 1
+        pause = 0.0
+        if merger is not None and (merger.steps + 1) % merger.every == 0:  # the weights this merge folds in
+            tp = time.perf_counter()
+            sp = spectrum_check(model)
+            spectra.append({"step": step, "max_rel": sp["max_rel"], "max_rel_to_norm": sp["max_rel_to_norm"]})
+            pause = time.perf_counter() - tp  # a check, not training: kept out of the wall time
         if merger is not None and merger.step():
             _check_ranks_agree(model, dist, device, step)
         lv = dist.all_sum([float(loss.detach())], device)[0] / dist.world
-        train_time += time.perf_counter() - t0
+        train_time += time.perf_counter() - t0 - pause
         if not math.isfinite(lv):
             fail(f"loss became {lv} at step {step} (method {cfg.method}, optimizer {cfg.optimizer}); lower --lr")
         losses.append(lv)
@@ -292,7 +305,7 @@ def _train(cfg: LMConfig, dist, return_model: bool):
                "tokens_per_s": step * cfg.batch_size * cfg.seq_len / train_time if train_time > 0 else None,
                "step_time": train_time / step if step else None, "history": history, "losses": losses,
                "final_val_loss": history[-1]["val_loss"], "final_val_ppl": history[-1]["val_ppl"],
-               "spectrum": spectrum_check(model), "threads": torch.get_num_threads()}
+               "spectrum": _spectrum_summary(spectrum_check(model), spectra), "threads": torch.get_num_threads()}
     if step == cfg.steps and main and out:
         sample = val_w.stack(range(min(2, val_w.count))).to(device)[:, :-1]
         metrics["export"] = ft.export(model, cfg.method, corpus.tokenizer, os.path.join(out, "model"), sample)
