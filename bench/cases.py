@@ -3,7 +3,9 @@
 A ``Case`` is (op, impl, shape, dtype, mode) with mode "fwd" (under ``torch.no_grad``) or "fwd+bwd" (the
 forward plus ``torch.autograd.grad`` of it against a fixed random cotangent). ``prepare`` turns a case into
 the callable that is timed; ``describe`` gives the numbers stored beside each time: algorithmic FLOPs
-(perf_targets §2, the same count for every implementation of an op), accuracy in float64, the kernel name.
+(docs/performance.md, the same count for every implementation of an op), accuracy in float64, the kernel name.
+"Ops" here are the benchmark's rows: the opt_fast ops, plus ``orthogonalize_approx`` (a functional) and
+``cayley_neumann`` (the block layers' map).
 """
 import functools
 import math
@@ -14,15 +16,31 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 import opt_fast
-from opt_fast.reference import REFERENCE_KERNELS as REF
 
 from . import impls as I
 from .shapes import Shape, shape_sets
 
 MODES = ("fwd", "fwd+bwd")
-OPS = ("householder_product", "householder_orthogonal", "householder_apply", "gram_schmidt", "lowdin", "cayley")
-# Accuracy gate for "the best torch built-in": ‖RᵀR − I‖_F/√d (design.md, precision rule)
+OPS = ("householder_product", "householder_orthogonal", "householder_apply", "gram_schmidt", "lowdin",
+       "orthogonalize_approx", "cayley", "cayley_neumann")
+# Accuracy gate for "the best torch built-in / peer": ‖RᵀR − I‖_F/√d (docs/performance.md, the orthogonality gate) for the exact
+# maps; for the approximate ones (GATE_METRIC "err_ref") the error against the same map in float64.
 GATE = {torch.float32: 1e-5, torch.float64: 1e-12}
+GATE_REF = {torch.float32: 1e-4, torch.float64: 1e-10}
+GATE_METRIC = {"orthogonalize_approx": "err_ref", "cayley_neumann": "err_ref"}
+
+
+def gate(op: str, dtype) -> Tuple[str, float]:
+    """(record field, bound) of the op's accuracy gate."""
+    if GATE_METRIC.get(op) == "err_ref":
+        return "err_ref", GATE_REF.get(dtype, 1e-4)
+    return "accuracy", GATE.get(dtype, 1e-5)
+
+
+def meets_gate(rec: Dict) -> bool:
+    field, bound = gate(rec["op"], getattr(torch, rec["dtype"]))
+    v = rec.get(field)
+    return isinstance(v, float) and v <= bound
 
 
 class Unavailable(Exception):
@@ -57,12 +75,12 @@ def make_inputs(op: str, shape: Shape, dtype, device, seed: int = 0) -> Dict[str
     elif op == "householder_apply":
         x["V"] = _randn((b, d, k), dtype, device, gen)
         x["X"] = _randn((b, d, shape.n or d), dtype, device, gen)
-    elif op in ("gram_schmidt", "lowdin"):
+    elif op in ("gram_schmidt", "lowdin", "orthogonalize_approx"):
         x["P"] = _randn((b, d, d), dtype, device, gen)
         if op == "lowdin":   # warm start: the polar factor of a nearby matrix (the previous training step)
             near = (x["P"] + _randn((b, d, d), dtype, device, gen, 1e-3)).double()
             x["R0"] = I.svd_polar(near).to(dtype)
-    elif op == "cayley":
+    elif op in ("cayley", "cayley_neumann"):
         # OPT-CP init: P ~ N(0,1) (‖S‖ ~ 2√d); PEFT regime: entries scaled so that ‖S‖ ≈ shape.norm
         scale = 1.0 if shape.norm is None else shape.norm / (2.0 * math.sqrt(d))
         x["P"] = _randn((b, d, d), dtype, device, gen, scale)
@@ -77,16 +95,17 @@ def make_inputs(op: str, shape: Shape, dtype, device, seed: int = 0) -> Dict[str
 
 DIFF_INPUTS = {
     "householder_product": ("V", "tau"), "householder_orthogonal": ("V",), "householder_apply": ("V", "X"),
-    "gram_schmidt": ("P",), "lowdin": ("P",), "cayley": ("S",),
+    "gram_schmidt": ("P",), "lowdin": ("P",), "orthogonalize_approx": ("P",), "cayley": ("S",),
+    "cayley_neumann": ("S",),
 }
 SHAPE_SETS = {
     "householder_product": ("householder", "householder_k"), "householder_orthogonal": ("householder", "householder_k"),
     "householder_apply": ("apply",), "gram_schmidt": ("gram_schmidt",), "lowdin": ("lowdin",),
-    "cayley": ("square", "cayley_peft"),
+    "orthogonalize_approx": ("lowdin",), "cayley": ("square", "blocks"), "cayley_neumann": ("blocks",),
 }
 
 
-# ---- FLOPs (perf_targets §2: algorithmic counts, per matrix; fwd+bwd = fwd + bwd) ---------------------
+# ---- FLOPs (docs/performance.md: algorithmic counts, per matrix; fwd+bwd = fwd + bwd) ---------------------
 
 def flops(op: str, shape: Shape) -> Tuple[float, float]:
     """(forward, backward) algorithmic FLOPs for the whole batch."""
@@ -105,8 +124,13 @@ def flops(op: str, shape: Shape) -> Tuple[float, float]:
         f, fb = 8 / 3 * d ** 3, 7 * d ** 3
     elif op == "lowdin":                  # 8 Newton–Schulz-type iterations × 3 GEMMs; backward ≈ forward
         f = fb = 48 * d ** 3
+    elif op == "orthogonalize_approx":    # 5 quintic steps × 3 GEMMs; no backward
+        f, fb = 30 * d ** 3, 0.0
     elif op == "cayley":                  # one inverse; backward = 2 GEMMs
         f, fb = 2 * d ** 3, 4 * d ** 3
+    elif op == "cayley_neumann":          # (I + S)·p(S), p of degree k: k products; backward ≈ 2×
+        k = I.PE.NEUMANN_TERMS
+        f, fb = 2 * k * d ** 3, 4 * k * d ** 3
     else:
         raise ValueError(op)
     return b * f, b * fb
@@ -148,6 +172,17 @@ def accuracy(op: str, out: torch.Tensor, x: Dict[str, torch.Tensor]) -> float:
 
 ACCURACY_LABEL = {"householder_apply": "‖YᵀY−XᵀX‖/‖XᵀX‖"}
 DEFAULT_ACCURACY_LABEL = "‖RᵀR−I‖/√d"
+ERR_REF_LABEL = "‖R−R₆₄‖/‖R₆₄‖"
+
+
+def gate_label(op: str) -> str:
+    """The metric of the op's accuracy gate, as the tables name it."""
+    if GATE_METRIC.get(op) == "err_ref":
+        return ERR_REF_LABEL
+    return ACCURACY_LABEL.get(op, DEFAULT_ACCURACY_LABEL)
+
+
+REF_KWARGS = {"cayley_neumann": {"terms": I.PE.NEUMANN_TERMS}}
 
 
 def reference64(op: str, shape: Shape, x: Dict[str, torch.Tensor], max_work: float = 2e10):
@@ -155,7 +190,7 @@ def reference64(op: str, shape: Shape, x: Dict[str, torch.Tensor], max_work: flo
     if shape.b * shape.d ** 3 > max_work:
         return None
     with torch.no_grad():
-        return REF[op](*[x[n].detach().to(torch.float64) for n in DIFF_INPUTS[op]])
+        return I.REF[op](*[x[n].detach().to(torch.float64) for n in DIFF_INPUTS[op]], **REF_KWARGS.get(op, {}))
 
 
 # ---- cases ------------------------------------------------------------------------------------------
@@ -184,12 +219,13 @@ class Case:
 def _compile_here(size: str, op: str, index: int, first_big: int, mode: str) -> bool:
     """torch.compile costs seconds per (shape, dtype, grad mode), so it runs on one shape per op: smoke:
     cayley and gram_schmidt on their first shape; default: fwd+bwd of householder_product and cayley on the
-    S-OPT block shape (d=144, b=6); full: the first shape with d >= 576 (the CNN-6 group), both modes."""
+    S-OPT block shape (d=144, b=6, the third of their shapes); full: the first shape with d >= 576 (the CNN-6
+    group), both modes."""
     if size == "full":
         return index == first_big
     if size == "smoke":
         return op in ("cayley", "gram_schmidt") and index == 0
-    return op in ("householder_product", "cayley") and index == 1 and mode == "fwd+bwd"
+    return op in ("householder_product", "cayley") and index == 2 and mode == "fwd+bwd"
 
 
 def _work(shape: Shape) -> int:
@@ -213,8 +249,15 @@ def cases(size: str, ops=OPS) -> List[Case]:
                                                             and dtype == torch.float32):
                             continue
                         out.append(Case(op, impl, shape, dtype, mode))
-    order = {c.input_key(): n for n, c in reversed(list(enumerate(out)))}   # first appearance of a group
-    return sorted(out, key=lambda c: (c.shape.prio, _work(c.shape), order[c.input_key()]))
+    return ordered(out)
+
+
+def ordered(case_list: List[Case]) -> List[Case]:
+    """Sorted by shape priority, then size, then first appearance of the input group (kept together)."""
+    first: Dict[Tuple, int] = {}
+    for n, c in enumerate(case_list):
+        first.setdefault(c.input_key(), n)
+    return sorted(case_list, key=lambda c: (c.shape.prio, _work(c.shape), first[c.input_key()]))
 
 
 # ---- preparing a case -------------------------------------------------------------------------------
@@ -259,9 +302,13 @@ def prepare(case: Case, x: Dict[str, torch.Tensor], device) -> Prepared:
 
 
 def kernel_name(case: Case, device) -> Optional[str]:
-    if case.impl.kind != "opt_fast":
+    if case.impl.kind != "opt_fast" or case.impl.name != "opt_fast":
         return None
     dev = torch.device(device).type
+    if case.op == "orthogonalize_approx":
+        return "Triton" if dev == "cuda" and opt_fast.kernel_for("lowdin", dev) == "Triton" else "torch"
+    if not hasattr(torch.ops.opt_fast, case.op):
+        return None
     name = opt_fast.kernel_for(case.op, dev)
     if case.mode == "fwd+bwd":
         name += " / bwd " + opt_fast.kernel_for(case.op + "_backward", dev)
@@ -273,12 +320,13 @@ def describe(case: Case, device) -> dict:
     f, fb = flops(case.op, case.shape)
     yard = case.impl.kind == "yardstick"
     return {
-        "op": case.op, "impl": case.impl.name, "kind": case.impl.kind, "mode": case.mode,
+        "id": case.id, "op": case.op, "impl": case.impl.name, "kind": case.impl.kind, "mode": case.mode,
         "dtype": dtype_name(case.dtype), "d": case.shape.d, "batch": case.shape.b, "k": case.shape.kk,
         "n": case.shape.n, "norm": case.shape.norm, "shape": case.shape.label, "tag": case.shape.tag,
         "group": case.group, "kernel": kernel_name(case, device),
         "flops": bmm_flops(case.shape) if yard else (f if case.mode == "fwd" else f + fb),
         "baseline": case.impl.baseline, "approx": case.impl.approx, "same_map": case.impl.same_map,
+        "package": case.impl.package or None,
         "note": case.impl.note,
     }
 

@@ -26,7 +26,7 @@ from bench.shapes import SIZES
 def pytest_addoption(parser):
     group = parser.getgroup("opt_fast benchmarks")
     group.addoption("--bench-size", choices=SIZES, default=None,
-                    help="shape set: smoke (tiny), default (small), full (perf_targets §3.2)")
+                    help="shape set: smoke (tiny), default (small), full (docs/performance.md's whole sweep)")
     group.addoption("--bench-device", choices=("cpu", "cuda"), default=None,
                     help="device to benchmark on (default: cuda if available)")
 

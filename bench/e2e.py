@@ -1,7 +1,7 @@
 """End-to-end costs: one OPT training step of CNN-6 against plain training, and the R computation of a
 whole network's layer set.
 
-* ``train_step_times``: forward + backward + optimizer step of the OPT reference CNN-6 (opt_spec §1.1:
+* ``train_step_times``: forward + backward + optimizer step of the OPT reference CNN-6 (docs/training.md:
   64-wide, three stages of two 3×3 conv + BN + ReLU and a 2×2 max-pool, fc6 as a 4×4 conv, score as a
   1×1 conv to 100 classes, no biases; 32×32×3 input) converted with ``opt_fast.nn.convert(model,
   method=m)`` (``score`` stays a plain conv, as in the reference), against the same network trained
@@ -22,7 +22,7 @@ from .timers import sync
 
 # Methods with a target first: a run cut short by its time budget skips the others
 METHODS = ("cayley", "gram_schmidt", "householder", "lowdin", "householder_qr", "ogd", "orth_reg")
-# Targets for OPT step / plain step (perf_targets; measured on whatever machine runs the report)
+# Targets for OPT step / plain step (docs/performance.md; measured on whatever machine runs the report)
 TARGETS = {"gram_schmidt": 1.3, "householder": 1.3, "cayley": 1.3, "lowdin": 1.6}
 
 

@@ -2,7 +2,7 @@
 import os
 from typing import Dict, List, Optional
 
-from . import cases as C
+from . import headline
 
 
 def _plt():
@@ -12,41 +12,50 @@ def _plt():
     return plt
 
 
-def speedup_plot(records: List[Dict], path: str, title: str) -> Optional[str]:
-    """Per op: speed-up of opt_fast over the best torch built-in vs d (float32), fwd and fwd+bwd."""
-    plt = _plt()
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-    ops = [op for op in C.OPS if any(r["op"] == op for r in records)]
-    if not ops:
+# one colour per kind of alternative: torch built-ins, then each peer package (bench.peers.PACKAGES)
+COLOURS = {"torch built-in": "tab:grey", "geotorch": "tab:green", "torch parametrizations": "tab:blue",
+           "peft": "tab:orange", "torch.optim.Muon": "tab:purple", "torch-householder": "tab:brown"}
+
+
+def speedup_plot(points: List[Dict], path: str, title: str) -> Optional[str]:
+    """The headline at a glance: one bar per (op, shape, mode), opt_fast's speed-up over the best alternative
+    (the faster of the best torch built-in and the best peer), coloured by who that alternative is; log
+    scale, a line at 1×. A hatched bar: that alternative fails the accuracy gate (nothing that meets it ran)."""
+    if not points:
         return None
-    cols = 3
-    rows = (len(ops) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    for ax, op in zip(axes.flat, ops):
-        for mode, style in (("fwd", "o-"), ("fwd+bwd", "s--")):
-            pts = sorted((r["d"], r["speedup"], r["batch"]) for r in records
-                         if r["op"] == op and r["impl"] == "opt_fast" and r["mode"] == mode
-                         and r["dtype"] == "float32" and r.get("speedup") and r.get("k") == r["d"]
-                         and r.get("norm") is None)
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"opt_fast {mode}")
-                for d, s, b in pts:
-                    if b > 1:
-                        ax.annotate(f"b={b}", (d, s), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(ScalarFormatter())
-            axis.set_minor_formatter(NullFormatter())
-        ax.set_title(op, fontsize=10)
-        ax.set_xlabel("d")
-        ax.set_ylabel("speed-up over best torch built-in")
-        if ax.get_lines()[1:]:
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(ops):]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
+    plt = _plt()
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    n = len(points)
+    fig, ax = plt.subplots(figsize=(11, 0.32 * n + 1.6))
+    ys = list(range(n))[::-1]
+    vals = [p["speedup"] for p in points if p["speedup"]]
+    lo, hi = min(vals + [0.5]), max(vals + [2.0])
+    for y, p in zip(ys, points):
+        if p["speedup"] is None:
+            why = str(p["why"]).removeprefix("n/a: ")
+            ax.text(1.0, y, f"  not measured: {why}"[:90], va="center", fontsize=7, color="tab:red")
+            continue
+        v = p["speedup"]   # the bar runs from 1× to the speed-up: right when faster, left when slower
+        ax.barh(y, v - 1.0, left=1.0, color=COLOURS.get(p["who"], "tab:olive"), hatch="" if p["gated"] else "//",
+                edgecolor="white" if p["gated"] else "black", linewidth=0.5)
+        ax.text(max(v, 1.0), y, f" {v:.2f}× vs {p['name']}"[:60], va="center", fontsize=6.5)
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlim(min(lo, 1.0) / 1.5, hi * 12)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks(ys)
+    ax.set_yticklabels([p["label"] for p in points], fontsize=7)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.set_xlabel("speed-up of opt_fast over the best alternative (log scale; > 1: opt_fast is faster)")
+    used = [w for w in COLOURS if any(p.get("who") == w for p in points)]
+    handles = [Patch(color=COLOURS[w], label=w) for w in used]
+    if any(p.get("gated") is False for p in points):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="fails the accuracy gate"))
+    ax.legend(handles=handles, title="the best alternative", fontsize=7, title_fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -97,7 +106,8 @@ def make_plots(results: Dict, out_dir: str, stem: str) -> Dict[str, str]:
     made: Dict[str, str] = {}
     title = f"{results['machine']['device_slug']} {results['date']} ({results['size']})"
     try:
-        p = speedup_plot(results["records"], os.path.join(out_dir, f"{stem}-speedup.png"), title)
+        points = headline.speedup_points(results["records"], results["size"], results["ops"])
+        p = speedup_plot(points, os.path.join(out_dir, f"{stem}-speedup.png"), title)
         made["speedup"] = p or "no data"
         p = e2e_plot(results.get("e2e", {}), results.get("layer_set", {}),
                      os.path.join(out_dir, f"{stem}-e2e.png"), title)

@@ -1,8 +1,10 @@
 """The report's timing loop over ``bench.cases`` (no pytest): one record (a dict) per case.
 
-Cases sharing inputs (op, shape, dtype) run together: inputs are made once, the torch.bmm yardstick runs
-first, and afterwards every record of the group gets ``t_bmm_s``, ``ratio_bmm``, the best torch built-in
-that meets the accuracy gate and the speed-up over it.
+Cases sharing inputs (op, shape, dtype) run together: inputs are made once, the implementations of each
+mode are timed against each other (interleaved rounds: a change of load on a shared machine hits them
+alike), and afterwards every record of the group gets ``t_bmm_s``, ``ratio_bmm``, the best torch built-in and
+the best peer that meet the accuracy gate (``cases.meets_gate``) and the speed-ups over them. Cases measured
+earlier in the run (the headline's, ``done``) are not timed again: their records join their groups.
 """
 import math
 import time
@@ -11,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import cases as C
-from .timers import Budget, flushed_l2_time, measure, peak_memory_bytes
+from .timers import Budget, flushed_l2_time, measure_interleaved, peak_memory_bytes
 
 
 def _err(e: BaseException) -> str:
@@ -23,21 +25,24 @@ def _finite(v: Optional[float]):
     return v if v is None or math.isfinite(v) else str(v)   # JSON-safe: "nan" / "inf" as strings
 
 
-def run_case(case: C.Case, x, device, budget: Budget, ref: Callable[[], Optional[torch.Tensor]]) -> Dict:
+def _prepare(case: C.Case, x, device):
+    """The case's Prepared, or the status saying why it cannot run."""
     try:
-        prepared = C.prepare(case, x, device)
+        return C.prepare(case, x, device)
     except C.Unavailable as e:
-        return {"status": "not installed" if str(e) == "not installed" else f"n/a: {e}"}
+        return "not installed" if str(e) == "not installed" else f"n/a: {e}"
     except Exception as e:
-        return {"status": f"error: {_err(e)}"}
-    try:
-        t = measure(prepared.run, device, budget, compiled=case.impl.kind == "compiled")
-    except NotImplementedError as e:
-        return {"status": f"not implemented: {_err(e)}"}
-    except Exception as e:
+        return f"error: {_err(e)}"
+
+
+def _record(case: C.Case, prepared: C.Prepared, t, x, device, ref: Callable[[], Optional[torch.Tensor]]) -> Dict:
+    """The measured record (time, accuracy, error against the float64 reference), or its failure."""
+    if isinstance(t, NotImplementedError):
+        return {"status": f"not implemented: {_err(t)}"}
+    if isinstance(t, Exception):
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-        return {"status": f"error: {_err(e)}"}
+        return {"status": f"error: {_err(t)}"}
     rec = {"status": "ok", "t_s": t.median_s, "t_p20_s": t.p20_s, "t_p80_s": t.p80_s, "t_min_s": t.min_s,
            "rounds": t.rounds, "iters": t.iters, "first_call_s": t.first_call_s}
     out = prepared.output
@@ -52,48 +57,80 @@ def run_case(case: C.Case, x, device, budget: Budget, ref: Callable[[], Optional
     return rec
 
 
-def _derive(group: List[Dict], dtype) -> None:
-    """Fill t_bmm / ratio_bmm / best built-in / speed-up for the records of one input group."""
+def run_group_mode(cases: List[C.Case], recs: List[Dict], x, device, budget: Budget, ref) -> None:
+    """The cases of one input group and mode, timed against each other (``measure_interleaved``)."""
+    ready = []
+    for case, rec in zip(cases, recs):
+        p = _prepare(case, x, device)
+        if isinstance(p, str):
+            rec["status"] = p
+        else:
+            ready.append((case, rec, p))
+    timings = measure_interleaved([p.run for _, _, p in ready], device, budget)
+    for (case, rec, p), t in zip(ready, timings):
+        rec.update(_record(case, p, t, x, device, ref))
+
+
+def best_of(recs: List[Dict]):
+    """(the fastest record meeting the accuracy gate, or the fastest that ran; note): the note says "no X ran"
+    (with each one's status) or "fails the accuracy gate"."""
+    ran = [r for r in recs if r.get("status") == "ok"]
+    if not ran:
+        why = "; ".join(f"{r['impl']}: {str(r.get('status', '?')).removeprefix('n/a: ')}" for r in recs)
+        return None, why or "none for this op"
+    ok = [r for r in ran if C.meets_gate(r)]
+    return min(ok or ran, key=lambda r: r["t_s"]), (None if ok else "fails the accuracy gate")
+
+
+# the record fields each comparison fills: (name, its time, note, speed-up over it)
+ALTERNATIVES = {"builtin": ("best_builtin", "best_builtin_t_s", "best_builtin_note", "speedup"),
+                "peer": ("best_peer", "best_peer_t_s", "best_peer_note", "speedup_peer")}
+
+
+def _derive(group: List[Dict]) -> None:
+    """Fill t_bmm / ratio_bmm / best built-in / best peer / speed-ups for the records of one input group."""
     for mode in C.MODES:
         recs = [r for r in group if r["mode"] == mode]
         yard = [r for r in recs if r["kind"] == "yardstick" and r.get("status") == "ok"]
         t_bmm = yard[0]["t_s"] if yard else None
-        gate = C.GATE.get(dtype, 1e-5)
-        ran = [r for r in recs if r["baseline"] and r.get("status") == "ok"]
-        ok_base = [r for r in ran if isinstance(r.get("accuracy"), float) and r["accuracy"] <= gate]
-        # the fastest built-in meeting the gate; if none does, the fastest that ran, flagged
-        best = min(ok_base or ran, key=lambda r: r["t_s"]) if ran else None
+        best = {"builtin": best_of([r for r in recs if r["baseline"]]),
+                "peer": best_of([r for r in recs if r["kind"] == "peer"])}
         for r in recs:
             r["t_bmm_s"] = t_bmm
-            if best is None:
-                r["best_builtin_note"] = "no built-in ran"
-            elif not ok_base:
-                r["best_builtin_note"] = "fails the accuracy gate"
+            for which, (name, t, note, speedup) in ALTERNATIVES.items():
+                rec, why = best[which]
+                r[note] = why
+                if rec is not None:
+                    r[name], r[t], r[name + "_package"] = rec["impl"], rec["t_s"], rec.get("package")
+                    r[name + "_accuracy"] = rec.get(C.gate(rec["op"], getattr(torch, rec["dtype"]))[0])
             if r.get("status") != "ok":
                 continue
             r["gflops"] = r["flops"] / r["t_s"] / 1e9
             if t_bmm:
                 r["ratio_bmm"] = r["t_s"] / t_bmm
-            if best is not None:
-                r["best_builtin"] = best["impl"]
-                r["best_builtin_t_s"] = best["t_s"]
-                r["speedup"] = best["t_s"] / r["t_s"]
+            for which, (name, t, note, speedup) in ALTERNATIVES.items():
+                if best[which][0] is not None:
+                    r[speedup] = r[t] / r["t_s"]
 
 
 def run_cases(case_list: List[C.Case], device, budget: Budget, progress=None,
-              deadline: Optional[float] = None) -> List[Dict]:
-    """Run every case; once ``deadline`` (a perf_counter value) passes, the rest are marked skipped."""
+              deadline: Optional[float] = None, done: Optional[Dict[str, Dict]] = None) -> List[Dict]:
+    """Run every case; once ``deadline`` (a perf_counter value) passes, the rest are marked skipped. Cases
+    whose id is in ``done`` keep that record (measured earlier) and are not run again."""
     records: List[Dict] = []
+    done = done or {}
     for (op, _, dtype), group in C.iter_groups(case_list):
-        recs = [C.describe(c, device) for c in group]
-        over = deadline is not None and time.perf_counter() > deadline
+        recs = [dict(done[c.id]) if c.id in done else C.describe(c, device) for c in group]
+        pending = [c for c in group if c.id not in done]
+        over = not pending or (deadline is not None and time.perf_counter() > deadline)
         x = None
         if not over:
             try:
                 x = C.make_inputs(op, group[0].shape, dtype, device)
             except Exception as e:
-                for r in recs:
-                    r["status"] = f"error: inputs: {_err(e)}"
+                for c, r in zip(group, recs):
+                    if c.id not in done:
+                        r["status"] = f"error: inputs: {_err(e)}"
         cache: Dict[str, Optional[torch.Tensor]] = {}
 
         def ref(op=op, shape=group[0].shape, x=x, cache=cache):
@@ -104,16 +141,17 @@ def run_cases(case_list: List[C.Case], device, budget: Budget, progress=None,
                     cache["r"] = None
             return cache["r"]
 
-        for case, rec in zip(group, recs):
-            if progress is not None:
-                progress.step(f"{case.op} {case.mode} {case.shape.label} {case.impl.name}")
-            if "status" in rec:
-                continue
+        for mode in C.MODES:
+            mine = [(c, r) for c, r in zip(group, recs) if c.mode == mode and c.id not in done]
+            todo = [(c, r) for c, r in mine if "status" not in r]
             if x is None or (deadline is not None and time.perf_counter() > deadline):
-                rec["status"] = "skipped: time budget"
-                continue
-            rec.update(run_case(case, x, device, budget, ref))
-        _derive(recs, dtype)
+                for _, r in todo:
+                    r["status"] = "skipped: time budget"
+            elif todo:
+                run_group_mode([c for c, _ in todo], [r for _, r in todo], x, device, budget, ref)
+            if progress is not None and mine:
+                progress.step(f"{op} {mode} {group[0].shape.label}", n=len(mine))
+        _derive(recs)
         records.extend(recs)
         del x, cache, ref
         if torch.device(device).type == "cuda":

@@ -1,6 +1,8 @@
 """Text and markdown tables for the report."""
 from typing import Dict, List, Optional
 
+import torch
+
 from . import cases as C
 
 
@@ -46,34 +48,6 @@ def md_table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(out)
 
 
-def _best_name(r: Dict) -> str:
-    note = r.get("best_builtin_note")
-    if not r.get("best_builtin"):
-        return f"({note or '–'})"
-    return r["best_builtin"] + (f" ({note})" if note else "")
-
-
-SUMMARY_HEADER = ["op", "shape", "dtype", "mode", "opt_fast µs", "t/t_bmm", "best torch built-in", "its µs",
-                  "speed-up", "accuracy", "kernel"]
-
-
-def summary_rows(records: List[Dict]) -> List[List[str]]:
-    """One row per (op, shape, dtype, mode): the opt_fast impl against the best torch built-in."""
-    rows = []
-    for r in records:
-        if r["impl"] != "opt_fast":
-            continue
-        ok = r.get("status") == "ok"
-        rows.append([
-            r["op"], r["shape"], r["dtype"], r["mode"],
-            fmt_us(r.get("t_s")) if ok else r.get("status", "?"),
-            fmt_x(r.get("ratio_bmm"), 1), _best_name(r),
-            fmt_us(r.get("best_builtin_t_s")), fmt_x(r.get("speedup")), fmt_err(r.get("accuracy")),
-            (r.get("kernel") or "").replace(" / bwd ", "/"),
-        ])
-    return rows
-
-
 DETAIL_HEADER = ["impl", "kind", "µs (p20–p80)", "t/t_bmm", "speed-up", "GFLOP/s", "accuracy", "err vs fp64 ref",
                  "notes"]
 
@@ -87,10 +61,10 @@ def detail_rows(recs: List[Dict]) -> List[List[str]]:
             notes.append(f"kernel: {r['kernel']}")
         if r.get("approx"):
             notes.append("approximate")
-        gate = {"float32": 1e-5, "float64": 1e-12}.get(r.get("dtype"))
-        acc = r.get("accuracy")
-        if ok and r.get("kind") != "yardstick" and gate and isinstance(acc, float) and acc > gate:
-            notes.append(f"**does not meet the accuracy bar** ({gate:g})")
+        field, bound = C.gate(r["op"], getattr(torch, r["dtype"]))
+        value = r.get(field)
+        if ok and r.get("kind") != "yardstick" and isinstance(value, float) and value > bound:
+            notes.append(f"**does not meet the accuracy bar** ({C.gate_label(r['op'])} ≤ {bound:g})")
         if r.get("baseline"):
             notes.append("built-in baseline")
         if r.get("note"):
@@ -99,6 +73,8 @@ def detail_rows(recs: List[Dict]) -> List[List[str]]:
             notes.append("timed once (slow)")
         if r.get("impl") == r.get("best_builtin"):
             notes.insert(0, "**best built-in**")
+        if r.get("impl") == r.get("best_peer"):
+            notes.insert(0, "**best peer**")
         t = (f"{fmt_us(r['t_s'])} ({fmt_us(r['t_p20_s'])}–{fmt_us(r['t_p80_s'])})" if ok
              else r.get("status", "?"))
         rows.append([r["impl"], r["kind"], t, fmt_x(r.get("ratio_bmm"), 1) if ok else "",

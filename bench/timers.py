@@ -3,16 +3,18 @@
 * ``synced_perf_counter``: a pytest-benchmark timer (``--benchmark-timer=bench.timers.synced_perf_counter``,
   the default in ``bench/conftest.py``). It synchronises CUDA only if CUDA is already initialised, so it
   never creates a CUDA context on a CPU-only run.
-* ``measure(fn, device)``: the report runner's loop. One warm-up call (JIT / compile / autotune), one timed
-  call to size the rounds, then rounds of ``iters`` calls each; the per-call time of a round is the round
-  time / iters, and the median over rounds is reported (with the 20th and 80th percentiles). CUDA rounds are
-  timed with CUDA events; calls within a round stay pipelined, as in a training step.
+* ``measure_interleaved(fns, device)``: the report runner's loop over the implementations of one case. Per
+  callable one warm-up call (JIT / compile / autotune, never the measurement), one timed call to size the
+  rounds, then rounds of ``iters`` calls each, the rounds of all callables interleaved; the per-call time of
+  a round is the round time / iters, and the median over rounds is reported (with the 20th and 80th
+  percentiles). ``measure(fn)``: one callable. CUDA rounds are timed with CUDA events; calls within a round
+  stay pipelined, as in a training step.
 """
 import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -50,7 +52,7 @@ class Budget:
     max_rounds: int = 50
     min_round_s: float = 1e-3   # calls per round are raised until a round takes at least this long
     max_case_s: float = 10.0    # cap on timed work per case: slow calls get fewer rounds (at least 1)
-    slow_call_s: float = 5.0    # a call slower than this is timed once, not repeated
+    slow_call_s: float = 5.0    # a call slower than this is timed once (after the warm-up call), not repeated
 
 
 class _Clock:
@@ -82,24 +84,56 @@ def _quantile(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def measure(fn: Callable, device="cpu", budget: Optional[Budget] = None, compiled: bool = False) -> Timing:
-    """``compiled``: the first call compiles, so it is never used as the measurement."""
-    budget = budget or Budget()
-    clock = _Clock(device)
-    sync(device)
-    first = clock.time(fn, 1)                          # warm-up: compile, JIT, allocator
-    one = clock.time(fn, 1) if (compiled or first < budget.slow_call_s) else first
-    if one >= budget.slow_call_s:
-        return Timing(one, one, one, one, 1, 1, first)
+def _plan(fn: Callable, clock: "_Clock", budget: Budget) -> dict:
+    """Warm-up and sizing calls: calls per round and rounds. The warm-up call (compile, JIT, allocator, lazy
+    inits: in a fresh process a first call can be 100x slower) is never the measurement."""
+    first = clock.time(fn, 1)
+    one = clock.time(fn, 1)
+    if one >= budget.slow_call_s:   # timed once (the call after the warm-up)
+        return dict(fn=fn, first=first, one=one, iters=1, rounds=0, samples=[one])
     if one < 0.05:   # size the rounds from the fastest of three calls: one call may have been preempted
         one = min(one, clock.time(fn, 1), clock.time(fn, 1))
     iters = max(1, math.ceil(budget.min_round_s / max(one, 1e-9)))
     rounds = int(budget.case_s / max(one * iters, 1e-9))
     rounds = max(budget.min_rounds, min(budget.max_rounds, rounds))
     rounds = max(1, min(rounds, int(budget.max_case_s / max(one * iters, 1e-9))))
-    per_call = [clock.time(fn, iters) / iters for _ in range(rounds)]
-    return Timing(statistics.median(per_call), _quantile(per_call, 0.2), _quantile(per_call, 0.8),
-                  min(per_call), rounds, iters, first)
+    return dict(fn=fn, first=first, one=one, iters=iters, rounds=rounds, samples=[])
+
+
+def measure_interleaved(fns: List[Callable], device="cpu", budget: Optional[Budget] = None
+                        ) -> List[Union[Timing, Exception]]:
+    """Time callables against each other on a shared machine: warm-up and sizing calls for each, then their
+    rounds spread evenly over one sequence of passes (a pass times one round of every callable that has one
+    due), so that a change of load hits them alike. A call slower than ``budget.slow_call_s`` is timed once.
+    Returns, per callable, its Timing or the exception it raised (the others go on)."""
+    budget = budget or Budget()
+    clock = _Clock(device)
+    sync(device)
+    plans: List[Union[dict, Exception]] = []
+    for fn in fns:
+        try:
+            plans.append(_plan(fn, clock, budget))
+        except Exception as e:
+            plans.append(e)
+    passes = max([p["rounds"] for p in plans if isinstance(p, dict)], default=0)
+    for r in range(passes):
+        for i, p in enumerate(plans):
+            if isinstance(p, dict) and (r + 1) * p["rounds"] // passes > r * p["rounds"] // passes:
+                try:
+                    p["samples"].append(clock.time(p["fn"], p["iters"]) / p["iters"])
+                except Exception as e:
+                    plans[i] = e
+    return [p if isinstance(p, Exception) else
+            Timing(statistics.median(p["samples"]), _quantile(p["samples"], 0.2), _quantile(p["samples"], 0.8),
+                   min(p["samples"]), max(p["rounds"], 1), p["iters"], p["first"]) for p in plans]
+
+
+def measure(fn: Callable, device="cpu", budget: Optional[Budget] = None) -> Timing:
+    """One callable on its own (see ``measure_interleaved``); raises what it raised."""
+    t = measure_interleaved([fn], device, budget)[0]
+    if isinstance(t, Exception):
+        raise t
+    return t
 
 
 def flushed_l2_time(fn: Callable, device, rounds: int = 10, flush_bytes: int = 256 << 20) -> Optional[float]:

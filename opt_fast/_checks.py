@@ -5,6 +5,7 @@ shape learns which op and which argument. The C++ kernels (csrc/opt_fast.h) use 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -21,12 +22,13 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def float_matrix(op: str, name: str, t: Tensor) -> None:
-    """t is a (batched) float32/float64 matrix."""
+def float_matrix(op: str, name: str, t: Tensor, dtypes=FLOAT_DTYPES) -> None:
+    """t is a (batched) matrix of one of ``dtypes`` (float32/float64 unless told)."""
     if not isinstance(t, Tensor):
         fail(op, f"expected {name} to be a Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        fail(op, f"expected {name} to be float32 or float64, got {t.dtype}")
+    if t.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        fail(op, f"expected {name} to be {', '.join(names[:-1])} or {names[-1]}, got {t.dtype}")
     if t.dim() < 2:
         fail(op, f"expected {name} to have at least 2 dimensions [..., rows, cols], got shape {_shape(t)}")
 
@@ -95,20 +97,37 @@ def gram_schmidt(P: Tensor, block_size: int) -> None:
         fail(op, f"expected block_size >= 0 (0 = automatic), got {block_size}")
 
 
+def _polar_input(op: str, P: Tensor) -> None:
+    float_matrix(op, "P", P)
+    if P.shape[-2] < P.shape[-1]:
+        fail(op, f"expected P [..., m, n] with m >= n (for wide P take the polar factor of P.mT and "
+                 f"transpose it), got shape {_shape(P)}")
+
+
 def lowdin(P: Tensor, iters: int, R0: Optional[Tensor]) -> None:
     op = "lowdin"
-    square(op, "P", P)
+    _polar_input(op, P)
     if iters < 0:
         fail(op, f"expected iters >= 0 (0 = iterate to convergence), got {iters}")
     if R0 is not None:
-        square(op, "R0", R0)
+        float_matrix(op, "R0", R0)
         same_device_dtype(op, "P", P, "R0", R0)
         if R0.shape != P.shape:
             fail(op, f"expected R0 with the shape of P {_shape(P)}, got {_shape(R0)}")
 
 
 def lowdin_svd(P: Tensor) -> None:
-    square("lowdin_svd", "P", P)
+    _polar_input("lowdin_svd", P)
+
+
+APPROX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+
+
+def orthogonalize_approx(G: Tensor, steps: int) -> None:
+    op = "functional.orthogonalize_approx"
+    float_matrix(op, "G", G, APPROX_DTYPES)
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        fail(op, f"expected steps to be an int >= 0, got {steps!r}")
 
 
 def cayley(S: Tensor) -> None:

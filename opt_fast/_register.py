@@ -5,6 +5,7 @@
 3. autograd formulas whose backward calls ``torch.ops.opt_fast.<op>_backward``, so that a fast backward
    kernel is used whenever one is registered; the backward ops are differentiable too (double backward)
    through the vector-Jacobian product of their reference, which is written in differentiable torch ops;
+   forward-mode AD (a tangent on an input) takes its derivatives from the references too (_forward_ad.py);
 4. the C++ extension ``opt_fast._C`` (CPU, and CUDA when built), unless ``OPT_FAST_DISABLE_EXT=1``;
 5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``).
 """
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from . import _backends, _checks
+from . import _backends, _checks, _forward_ad, _triton_glue
 from ._ops import lib
 from .reference import REFERENCE_KERNELS
 
@@ -101,7 +102,8 @@ def _lowdin_backward_fake(grad, P, R):
 @torch.library.register_fake("opt_fast::lowdin_svd", lib=lib)
 def _lowdin_svd_fake(P):
     _checks.lowdin_svd(P)
-    return _empty(P, P.shape), _empty(P, P.shape), _empty(P, P.shape[:-1]), _empty(P, P.shape)
+    n = P.shape[-1]
+    return _empty(P, P.shape), _empty(P, P.shape), _empty(P, P.shape[:-2] + (n,)), _empty(P, P.shape[:-2] + (n, n))
 
 
 @torch.library.register_fake("opt_fast::lowdin_svd_backward", lib=lib)
@@ -162,7 +164,7 @@ def _register_autograd(op, saved, backward):
     def bw(ctx, grad):
         return backward(grad, *ctx.saved_tensors)
 
-    torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
+    _forward_ad.register_autograd(op, bw, setup_context, lib)
 
 
 _ops = torch.ops.opt_fast
@@ -196,7 +198,7 @@ def _lowdin_svd_bw(ctx, grad, *_):
     return _ops.lowdin_svd_backward(grad, U, S, Vh)
 
 
-torch.library.register_autograd("opt_fast::lowdin_svd", _lowdin_svd_bw, setup_context=_lowdin_svd_setup, lib=lib)
+_forward_ad.register_autograd("lowdin_svd", _lowdin_svd_bw, _lowdin_svd_setup, lib)
 
 
 
@@ -209,8 +211,7 @@ def _cayley_neumann_bw(ctx, grad):
     return _ops.cayley_neumann_backward(grad, ctx.saved_tensors[0], ctx.terms), None
 
 
-torch.library.register_autograd("opt_fast::cayley_neumann", _cayley_neumann_bw,
-                                setup_context=_cayley_neumann_setup, lib=lib)
+_forward_ad.register_autograd("cayley_neumann", _cayley_neumann_bw, _cayley_neumann_setup, lib)
 
 
 def _cayley_neumann_powers_setup(ctx, inputs, output):
@@ -226,8 +227,7 @@ def _cayley_neumann_powers_bw(ctx, grad, _):
     return _ops.cayley_neumann_powers_backward(grad, S, powers, ctx.terms), None
 
 
-torch.library.register_autograd("opt_fast::cayley_neumann_powers", _cayley_neumann_powers_bw,
-                                setup_context=_cayley_neumann_powers_setup, lib=lib)
+_forward_ad.register_autograd("cayley_neumann_powers", _cayley_neumann_powers_bw, _cayley_neumann_powers_setup, lib)
 
 
 def _block_apply_setup(ctx, inputs, output):
@@ -241,7 +241,7 @@ def _block_apply_bw(ctx, grad):
     return grad_R, grad_X, None
 
 
-torch.library.register_autograd("opt_fast::block_apply", _block_apply_bw, setup_context=_block_apply_setup, lib=lib)
+_forward_ad.register_autograd("block_apply", _block_apply_bw, _block_apply_setup, lib)
 
 
 def _register_double_backward(op):
@@ -274,7 +274,7 @@ def _register_double_backward(op):
             result[i] = g
         return tuple(result)
 
-    torch.library.register_autograd(f"opt_fast::{op}", bw, setup_context=setup_context, lib=lib)
+    _forward_ad.register_autograd(op, bw, setup_context, lib)
 
 
 for _name in REFERENCE_KERNELS:
@@ -307,7 +307,7 @@ def _load_triton():
     force = os.environ.get("OPT_FAST_CUDA_BACKEND", "").lower() == "triton"
     for op, launcher in LAUNCHERS.items():
         if force or not _backends.has_kernel(op, "CUDA"):
-            torch.library.register_kernel(f"opt_fast::{op}", "cuda", launcher, lib=lib)
+            torch.library.register_kernel(f"opt_fast::{op}", "cuda", _triton_glue.cuda_kernel(op, launcher), lib=lib)
             _backends.triton_ops.add(op)
 
 

@@ -1,4 +1,4 @@
-"""Hyperspherical energy (Liu et al., MHE, NeurIPS 2018; opt_spec.md §4): what OPT keeps fixed."""
+"""Hyperspherical energy (Liu et al., MHE, NeurIPS 2018; docs/methods.md): what OPT keeps fixed."""
 import torch
 from torch import Tensor, nn
 

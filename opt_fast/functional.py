@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _checks
+
 _ops = torch.ops.opt_fast
 
 
@@ -32,31 +34,42 @@ def gram_schmidt(P: Tensor, block_size: int = 0) -> Tensor:
 
 
 def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
-    """The orthogonal polar factor P (PᵀP)^(-1/2) of square P (Löwdin's symmetric orthogonalisation), by
+    """The polar factor P (PᵀP)^(-1/2) of P [..., m, n], m >= n (Löwdin's symmetric orthogonalisation):
+    orthogonal for square P, orthonormal columns for tall P (the orthonormal matrix nearest to P). By
     Newton–Schulz-type iterations; ``iters=0`` iterates to float-grade orthogonality, ``R0`` is a warm
-    start (e.g. the previous training step's result). Equivalent to ``U, S, Vh = svd(P); U @ Vh``.
+    start for square P (e.g. the previous training step's result; tall P ignores it). Equivalent to
+    ``U, S, Vh = svd(P, full_matrices=False); U @ Vh``; for wide P use ``lowdin(P.mT).mT``.
 
     On the CPU, when a gradient is needed (and ``iters=0``), this takes ``torch.ops.opt_fast.lowdin_svd``:
     the same SVD route that ``lowdin`` takes there, keeping its factors so that the backward is four
     matmuls instead of an eigendecomposition (R0 cannot help a changed P, see the reference docstring)."""
-    if iters == 0 and P.device.type == "cpu" and P.requires_grad and torch.is_grad_enabled():
-        return _ops.lowdin_svd(P)[0]
-    return _ops.lowdin(P, iters, R0)
+    try:
+        if iters == 0 and P.device.type == "cpu" and P.requires_grad and torch.is_grad_enabled():
+            return _ops.lowdin_svd(P)[0]
+        return _ops.lowdin(P, iters, R0)
+    except torch.linalg.LinAlgError:
+        # Seen on the CPU (MKL's float32 SVD): a finite, near-orthogonal 288 x 288 P that OPT training with
+        # R = I at the start produced, "failed to converge"; the float64 SVD of the same P converges.
+        if P.dtype != torch.float32:
+            raise
+        return lowdin(P.double(), iters, None if R0 is None else R0.double()).to(P.dtype)
 
 
 def orthogonalize_approx(G: Tensor, steps: int = 5) -> Tensor:
     """APPROXIMATE orthogonalisation for optimizers (Muon-style), NOT the polar factor: ``steps`` quintic
     Newton–Schulz steps X <- a X + (b A + c A²) X, A = X Xᵀ, with Muon's fixed (a, b, c) =
-    (3.4445, -4.7750, 2.0315), after X0 = G / ||G||_F. G: [..., m, n] (any aspect ratio) -> same shape.
+    (3.4445, -4.7750, 2.0315), after X0 = G / ||G||_F. G: [..., m, n] (any aspect ratio; float16, bfloat16,
+    float32, float64, or complex64/128, where A = X Xᴴ) -> same shape and dtype.
 
     The quintic trades convergence for speed: singular values that start above ~3e-3 of ||G||_F land
     in about [0.68, 1.2] after 5 steps (scalar map, float64), not at 1; smaller ones are only multiplied
     by up to 3.4445 per step (1e-3 -> 0.47), so for
     square, ill-conditioned G (OPT's N(0,1) P has σ_min / ||P||_F ~ d^-1.5) the result is far from
     orthogonal (the benchmark reports its ||XᵀX - I||). Use ``lowdin`` where R must be orthogonal.
-    On CUDA with Triton: the Triton kernels, products in bfloat16 with float32 accumulation; elsewhere
-    plain torch in the input's float32/float64 precision. Not differentiable (an optimizer update)."""
-    if G.is_cuda:
+    On CUDA with Triton: the Triton kernels, products in bfloat16 with float32 accumulation (real input);
+    elsewhere plain torch in the input's precision. Not differentiable (an optimizer update)."""
+    _checks.orthogonalize_approx(G, steps)
+    if G.is_cuda and not G.is_complex():
         try:
             from .triton_kernels import HAS_TRITON
             if HAS_TRITON:
@@ -75,22 +88,24 @@ def _orthogonalize_approx_torch(G: Tensor, steps: int) -> Tensor:
     X = G.detach()
     tall = X.shape[-2] > X.shape[-1]
     if tall:
-        X = X.mT
+        X = X.mH
     X = X / (torch.linalg.matrix_norm(X)[..., None, None] + 1e-7)
     for _ in range(steps):
-        A = X @ X.mT
+        A = X @ X.mH  # Xᴴ: with Xᵀ a complex G's singular values are not what the polynomial maps
         X = a * X + (b * A + c * (A @ A)) @ X
-    return X.mT if tall else X
+    return X.mH if tall else X
 
 
 def cayley(S: Tensor) -> Tensor:
-    """The Cayley transform (I + S)(I - S)⁻¹ of square S (orthogonal for skew-symmetric S).
-    Equivalent to ``torch.linalg.solve(I - S, I + S)``."""
+    """The Cayley transform (I + S)(I - S)⁻¹ of any square S with I - S invertible. Equivalent to
+    ``torch.linalg.solve(I - S, I + S)``. The result is orthogonal exactly when S is skew-symmetric; S is
+    not checked for that (a non-skew S gives the transform of that S, not an orthogonal matrix), so pass a
+    skew matrix, e.g. ``skew(P)`` or ``A - A.mT``. Singular I - S raises."""
     return _ops.cayley(S)
 
 
 def skew(P: Tensor) -> Tensor:
-    """The skew matrix OPT-CP builds from its parameter: triu(P) - triu(P)ᵀ (opt_spec.md §2.1)."""
+    """The skew matrix OPT-CP builds from its parameter: triu(P) - triu(P)ᵀ (docs/methods.md#cayley)."""
     U = P.triu()
     return U - U.mT
 

@@ -73,8 +73,8 @@ def gram_schmidt_torch(P: Tensor) -> Tensor:
 
 
 def lowdin_torch(P: Tensor) -> Tensor:
-    """The orthogonal polar factor U Vᴴ of the SVD."""
-    U, _, Vh = torch.linalg.svd(P)
+    """The polar factor U Vᴴ of the thin SVD (orthogonal for square P, orthonormal columns for tall P)."""
+    U, _, Vh = torch.linalg.svd(P, full_matrices=False)
     return U @ Vh
 
 

@@ -352,7 +352,7 @@ def test_gram_schmidt_f32(m, n, batch):
     P = to(P64, F32)
     Q = ops.gram_schmidt(P, 0)
     rule32(Q, RG.gram_schmidt_ref(P64), gs_torch32(P), "gram_schmidt")
-    assert orth_err(Q) <= 1e-5, orth_err(Q)  # the precision rule of design.md
+    assert orth_err(Q) <= 1e-5, orth_err(Q)  # the orthogonality gate of docs/performance.md
     G = torch.randn_like(P64)
     (tP,) = torch_grads(lambda x: gs_torch32(x), [P], to(G, F32))
     rule32(ops.gram_schmidt_backward(to(G, F32), P, Q), RG.gram_schmidt_backward_ref(G, P64, RG.gram_schmidt_ref(P64)),

@@ -1,4 +1,4 @@
-"""opt_fast.hyperspherical_energy (opt_spec.md §4)."""
+"""opt_fast.hyperspherical_energy (docs/methods.md)."""
 import itertools
 import math
 

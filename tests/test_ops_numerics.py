@@ -1,6 +1,6 @@
 """Forward numerics of every torch.ops.opt_fast op against independent float64 references.
 
-Accuracy rule (style_guide.md §4.4): max|out - ref64| <= 2 * max|torch_same_dtype - ref64| + atol, where
+Accuracy rule (docs/performance.md): max|out - ref64| <= 2 * max|torch_same_dtype - ref64| + atol, where
 torch_same_dtype is the plain-PyTorch equivalent (tests/_refs.py) run in the op's dtype.
 """
 import contextlib
@@ -44,6 +44,7 @@ OP_CASES = [
     ("gram_schmidt", "square"),
     ("gram_schmidt", "tall"),               # m > n
     ("lowdin", "square"),
+    ("lowdin", "tall"),                     # m > n: orthonormal columns
     ("cayley", "skew"),
     ("cayley", "general"),                  # not skew, but I - S invertible
 ]
@@ -64,7 +65,7 @@ def make_inputs(op, case, d, batch, dtype):
     if op == "gram_schmidt":
         return randn(d if case == "square" else 2 * d + 1, d), 0
     if op == "lowdin":
-        return randn(d, d), 0, None
+        return randn(d if case == "square" else 2 * d + 1, d), 0, None
     if op == "cayley":
         A = torch.randn(*b, d, d, dtype=torch.float64)
         S = skew(A) if case == "skew" else 0.5 * A / d ** 0.5

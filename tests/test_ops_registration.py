@@ -146,11 +146,11 @@ def test_compile_fullgraph_matches_eager():
 # ---- the op surface --------------------------------------------------------------------------------
 
 EXPECTED_OPS = ("householder_product", "householder_orthogonal", "householder_apply", "gram_schmidt",
-                "lowdin", "cayley")
+                "lowdin", "cayley", "cayley_neumann", "block_apply")
 
 
 def test_every_op_and_its_backward_exist():
-    """torch.ops.opt_fast has exactly the six forward ops of design.md, each with <op>_backward."""
+    """torch.ops.opt_fast has exactly the forward ops of EXPECTED_OPS, each with <op>_backward."""
     assert set(opt_fast._ops.FORWARD_OPS) == set(EXPECTED_OPS)
     for op in EXPECTED_OPS:
         for name in (op, op + "_backward"):

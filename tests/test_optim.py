@@ -1,4 +1,4 @@
-"""CayleySGD (opt_spec.md §2.5) and the orth_reg penalty (§2.6)."""
+"""CayleySGD (docs/methods.md#ogd) and the orth_reg penalty and inits (docs/methods.md#orth_reg)."""
 import pytest
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ def orth_err(R):
 
 
 def _spec_step(X, G, M, lr):
-    """opt_spec §2.5 steps 1-5, written out literally."""
+    """The update of docs/methods.md#ogd, written out literally."""
     M = 0.9 * M - G
     A = M @ X.T - 0.5 * X @ (X.T @ M @ X.T)
     Omega = A - A.T
@@ -96,10 +96,33 @@ def test_cayley_sgd_rejects_non_square():
 def test_orth_reg_loss():
     torch.manual_seed(0)
     model = convert(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4)).double(), method="orth_reg")
-    expected = sum(torch.linalg.matrix_norm(m.R @ m.R.T - torch.eye(m.R.shape[0], dtype=F64))
-                   for m in (model[0], model[1]))
-    loss = opt_fast.orth_reg_loss(model, weight=0.1)
-    assert torch.allclose(loss, 0.1 * expected)
+    for m in (model[0], model[1]):  # the default init is a random orthogonal R: the penalty starts at 0
+        eye = torch.eye(m.R.shape[0], dtype=F64)
+        torch.testing.assert_close(m.R @ m.R.T, eye)
+        assert not torch.allclose(m.R, eye)
+    assert opt_fast.orth_reg_loss(model).item() < 1e-24
+    with torch.no_grad():
+        model[0].R.add_(0.1 * torch.randn(6, 6, dtype=F64))
+        model[1].R.mul_(1.5)
+    gaps = [m.R @ m.R.T - torch.eye(m.R.shape[0], dtype=F64) for m in (model[0], model[1])]
+    loss = opt_fast.orth_reg_loss(model, weight=0.1)  # squared Frobenius norm by default
+    torch.testing.assert_close(loss, 0.1 * sum((g ** 2).sum() for g in gaps))
+    released = opt_fast.orth_reg_loss(model, weight=0.1, squared=False)
+    torch.testing.assert_close(released, 0.1 * sum(torch.linalg.matrix_norm(g) for g in gaps))
     loss.backward()
     assert model[0].R.grad is not None
     assert opt_fast.orth_reg_loss(convert(nn.Linear(3, 3), method="cayley")).item() == 0.0
+
+
+def test_orth_reg_inits():
+    torch.manual_seed(0)
+    d = 64
+    ref = convert(nn.Linear(d, 8, bias=False), method="orth_reg", init="reference").R.detach()
+    # the released N(0, 1) R: R Rᵀ ≈ d·I, the effective weights √d too large
+    assert abs(torch.linalg.matrix_norm(ref) / d - 1) < 0.1
+    eye = convert(nn.Linear(d, 8), method="orth_reg", init="identity").R.detach()
+    assert torch.equal(eye, torch.eye(d))
+    # the default: Haar-distributed (sign-fixed QR of a Gaussian), so not biased towards ±I
+    Rs = torch.stack([convert(nn.Linear(d, 8), method="orth_reg").R.detach() for _ in range(20)])
+    torch.testing.assert_close(Rs @ Rs.mT, torch.eye(d).expand(20, d, d), atol=1e-5, rtol=0)
+    assert Rs.diagonal(dim1=-2, dim2=-1).mean().abs() < 0.05

@@ -12,6 +12,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <cstdlib>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -73,6 +74,7 @@ std::vector<int64_t> index_vector(const std::optional<Tensor>& perm, int64_t n) 
 // the block GEMMs stay efficient (measured, 1 thread, n = 2048, b = 32 and 256: 16-32 rows 1.2-1.5x
 // slower than 64-128, 256 no better).
 int64_t chunk_rows(int64_t n) {
+  if (const char* e = std::getenv("OPT_FAST_BA_CHUNK")) return std::atoi(e);
   return std::max<int64_t>(64, std::min<int64_t>(256, (128 * 1024) / std::max<int64_t>(n, 1)));
 }
 

@@ -1,4 +1,5 @@
-// Löwdin orthogonalisation (the orthogonal polar factor R = P (PᵀP)^(-1/2)) on the CPU through ATen.
+// Löwdin orthogonalisation (the polar factor R = P (PᵀP)^(-1/2) of P [..., m, n], m >= n: orthogonal for
+// square P, orthonormal columns for tall P) on the CPU through ATen.
 //
 // The spec is opt_fast/reference/lowdin.py. This kernel computes the same R by the route that is fastest
 // on a CPU, and keeps the reference's semantics for the explicit options:
@@ -9,14 +10,16 @@
 //     float64 polar factor 5.6e-6 at d = 576; the iteration's 2.7e-6). Squaring routes (eigh of PᵀP) are
 //     out in float32: κ(PᵀP) = κ(P)² ~ 1e7 at d = 576 gives errors of 4e-2; in float64 it is exact
 //     but 1.7x slower than the float32 SVD.
-//   * R0 given: certified reuse, exactly as the reference (`_warm_start`): R0 is returned, after
-//     Newton–Schulz polishing if needed, only if it is orthogonal to 1e-3 and its backward residual
-//     ||skew(R0ᵀP)||_F <= 10 eps ||P||_F; otherwise the SVD route. A stale R0 costs one matmul.
+//   * R0 given (square P): certified reuse, exactly as the reference (`_warm_start`): R0 is returned,
+//     after Newton–Schulz polishing if needed, only if it is orthogonal to 1e-3, its backward residual
+//     ||skew(R0ᵀP)||_F <= 10 eps ||P||_F and sym(R0ᵀP) is positive definite; otherwise the SVD route.
+//     A stale R0 costs one matmul. Tall P ignores R0.
 //   * iters > 0: exactly that many steps of the reference's fixed polynomial schedule (an explicit
 //     request for the iteration, e.g. to match the GPU's Triton kernel step for step).
 // Non-finite matrices come out NaN (LAPACK is never handed one); the others of the batch are unaffected.
 //
-// Backward: the reference's formula, dP = R Y with H Y + Y H = A - Aᵀ, H = sym(RᵀP), A = Rᵀ grad, solved
+// Backward: the reference's formula, dP = R Y (+ (grad - R A) H⁻¹ for tall P) with H Y + Y H = A - Aᵀ,
+// H = sym(RᵀP), A = Rᵀ grad, solved
 // in H's eigenbasis (one symmetric eigh in the working precision: H has κ(P), not κ(P)²), as the op's backward
 // only receives (grad, P, R). lowdin_svd (the same SVD route, returning its factors) lets the autograd layer
 // skip that eigh: its backward is polar_vjp on the saved factors, four matmuls.
@@ -131,6 +134,8 @@ bool warm_start_ok(const Tensor& P, const Tensor& R0, Tensor& A_out) {
                                                     : static_cast<double>(std::numeric_limits<float>::epsilon());
   Tensor bound = 10.0 * eps * at::linalg_matrix_norm(P, "fro", {-2, -1});
   if (!(skew <= bound).all().item<bool>()) return false;
+  // a symmetric R0ᵀP also holds for R0 = -R: only a positive definite one certifies the polar factor
+  if (!std::get<1>(at::linalg_cholesky_ex((M + M.mT()).mul_(0.5))).eq(0).all().item<bool>()) return false;
   Tensor A = at::bmm(R0.mT(), R0);
   if (orth_error(A).max().item<double>() > 1e-3) return false;
   A_out = A;
@@ -147,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> svd_factors(const Tensor& P, bool con
   // is not finite (a NaN/inf entry, or finite entries overflowing it) sends to the exact per-matrix mask.
   if (!std::isfinite(P.sum().item<double>())) {
     bad = at::isfinite(P).all(-1).all(-1).logical_not().unsqueeze(-1).unsqueeze(-1);  // [b, 1, 1]
-    Pin = at::where(bad, eye_like(P, P.size(-1)).expand_as(P), P);
+    Pin = at::where(bad, at::eye(P.size(-2), P.size(-1), P.options()).expand_as(P), P);
   }
   auto [U, S, Vh] = at::linalg_svd(Pin, /*full_matrices=*/false);
   if (contiguous_factors) {
@@ -170,18 +175,28 @@ Tensor svd_polar(const Tensor& P) { return std::get<0>(svd_factors(P, /*contiguo
 
 // dP = U Y Vh with K = Uᵀ grad Vhᵀ, Y_ij = (K - Kᵀ)_ij / (σ_i + σ_j): the polar factor's VJP in P's singular
 // bases (the reference's lowdin_svd_backward_ref; denominators >= 2 σ_min, infinite for singular P, as the
-// reference). Four matmuls.
+// reference). Four matmuls; tall P adds (I - U Uᵀ) grad H⁻¹ = (grad Vhᵀ - U K) diag(1/σ) Vh (one more).
 Tensor polar_vjp(const Tensor& grad, const Tensor& U, const Tensor& S, const Tensor& Vh) {
-  Tensor K = at::matmul(at::matmul(U.mT(), grad), Vh.mT());
-  Tensor Y = (K - K.mT()) / (S.unsqueeze(-1) + S.unsqueeze(-2));
-  return at::matmul(at::matmul(U, Y), Vh).contiguous();
+  Tensor GV = at::matmul(grad, Vh.mT());
+  Tensor K = at::matmul(U.mT(), GV);
+  Tensor Y = at::matmul(U, (K - K.mT()) / (S.unsqueeze(-1) + S.unsqueeze(-2)));
+  if (U.size(-2) > U.size(-1)) Y += (GV - at::matmul(U, K)) / S.unsqueeze(-2);
+  return at::matmul(Y, Vh).contiguous();
+}
+
+// P [..., m, n] with m >= n (the reference's _checks._polar_input).
+void check_polar_input(const char* op, const Tensor& P) {
+  check_float_matrix(op, "P", P);
+  TORCH_CHECK(P.size(-2) >= P.size(-1), "opt_fast.", op,
+              ": expected P [..., m, n] with m >= n (for wide P take the polar factor of P.mT and transpose it), "
+              "got shape ", P.sizes());
 }
 
 void check_lowdin(const Tensor& P, int64_t iters, const std::optional<Tensor>& R0) {
-  check_square("lowdin", "P", P);
+  check_polar_input("lowdin", P);
   TORCH_CHECK(iters >= 0, "opt_fast.lowdin: expected iters >= 0 (0 = iterate to convergence), got ", iters);
   if (R0.has_value()) {
-    check_square("lowdin", "R0", *R0);
+    check_float_matrix("lowdin", "R0", *R0);
     check_same_device_dtype("lowdin", "P", P, "R0", *R0);
     TORCH_CHECK(R0->sizes() == P.sizes(), "opt_fast.lowdin: expected R0 with the shape of P ", P.sizes(),
                 ", got ", R0->sizes());
@@ -190,13 +205,13 @@ void check_lowdin(const Tensor& P, int64_t iters, const std::optional<Tensor>& R
 
 Tensor lowdin_cpu(const Tensor& P, int64_t iters, const std::optional<Tensor>& R0) {
   check_lowdin(P, iters, R0);
-  const int64_t d = P.size(-1);
+  const int64_t m = P.size(-2), n = P.size(-1);
   if (P.numel() == 0) return at::empty(P.sizes(), P.options());
-  Tensor P3 = P.reshape({-1, d, d});
+  Tensor P3 = P.reshape({-1, m, n});
   Tensor R;
   Tensor A;
-  if (R0.has_value() && warm_start_ok(P3, R0->reshape({-1, d, d}), A)) {
-    R = iterate(R0->reshape({-1, d, d}).clone(), A, iters, 1.0, 1.0);  // never alias R0
+  if (R0.has_value() && m == n && warm_start_ok(P3, R0->reshape({-1, m, n}), A)) {
+    R = iterate(R0->reshape({-1, m, n}).clone(), A, iters, 1.0, 1.0);  // never alias R0
   } else if (iters > 0) {
     auto [X, A0] = cold_start(P3);
     R = iterate(X, A0, iters, kEll0, 1.0);
@@ -216,16 +231,19 @@ Tensor lowdin_backward_cpu(const Tensor& grad, const Tensor& P, const Tensor& R)
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lowdin_svd_cpu(const Tensor& P) {
-  check_square("lowdin_svd", "P", P);
-  const int64_t d = P.size(-1);
-  auto vec_shape = P.sizes().vec();
+  check_polar_input("lowdin_svd", P);
+  const int64_t m = P.size(-2), n = P.size(-1);
+  auto vec_shape = P.sizes().vec();  // [..., n] for S, [..., n, n] for Vh
   vec_shape.pop_back();
+  vec_shape.back() = n;
+  auto vh_shape = vec_shape;
+  vh_shape.push_back(n);
   if (P.numel() == 0) {
     return {at::empty(P.sizes(), P.options()), at::empty(P.sizes(), P.options()), at::empty(vec_shape, P.options()),
-            at::empty(P.sizes(), P.options())};
+            at::empty(vh_shape, P.options())};
   }
-  auto [R, U, S, Vh] = svd_factors(P.reshape({-1, d, d}), /*contiguous_factors=*/true);
-  return {R.view(P.sizes()), U.view(P.sizes()), S.view(vec_shape), Vh.view(P.sizes())};
+  auto [R, U, S, Vh] = svd_factors(P.reshape({-1, m, n}), /*contiguous_factors=*/true);
+  return {R.view(P.sizes()), U.view(P.sizes()), S.view(vec_shape), Vh.view(vh_shape)};
 }
 
 Tensor lowdin_svd_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& S, const Tensor& Vh) {

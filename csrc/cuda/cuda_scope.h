@@ -9,7 +9,7 @@
 namespace opt_fast {
 
 // Every op call runs on the input's device and current stream, with TF32 off: the precision rule
-// (design.md) allows no TF32 in a final float32 result.
+// (docs/performance.md) allows no TF32 in a final float32 result.
 struct CudaScope {
   c10::cuda::CUDAGuard device;
   at::NoTF32Guard no_tf32;

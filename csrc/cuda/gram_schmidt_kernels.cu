@@ -17,7 +17,7 @@
 // propagates through the dots and norms unchanged (no sign() that would turn it into 0).
 //
 // Stability: classical GS loses orthogonality like O(u κ²) and MGS like O(u κ); the square N(0,1)
-// matrices OPT starts from have κ ~ d, so neither is enough in float32 (perf_targets.md §1.6). One
+// matrices OPT starts from have κ ~ d, so neither is enough in float32 (docs/performance.md). One
 // re-orthogonalisation restores O(u) orthogonality whenever u κ(P) is safely below 1 ("twice is
 // enough": Giraud, Langou, Rozložník 2005 for CGS2 columns; Barlow & Smoktunowicz for BCGS2 given a stable
 // intra-block QR, which CGS2 with double accumulation is for the panel). For float32 and κ ~ 5e3

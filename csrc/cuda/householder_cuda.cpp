@@ -13,7 +13,7 @@
 //     levels), as in the CPU kernel. The backward recomputes N and T (nothing stored per reflector) and runs
 //     the reference's _ut_backward with full matrices; its elementwise tails are one launch each.
 // Everything runs on the current stream of the input's device; every launch is checked. Float32 GEMMs run
-// with TF32 off (at::NoTF32Guard): the precision rule (design.md) allows no TF32 in a final result.
+// with TF32 off (at::NoTF32Guard): the precision rule (docs/performance.md) allows no TF32 in a final result.
 //
 // OPT_FAST_CUDA_SMALL=0 in the environment disables the small-d path (tests use it to cover both paths).
 #include "../householder_checks.h"

@@ -5,7 +5,7 @@
 //    launch, one thread block per matrix: start from X (or I[:, :n]) and apply H_{k-1}, ..., H_0 as rank-1
 //    updates X <- X - tau y (yᵀ X), the backward accumulation of LAPACK's org2r (backward stable). The k
 //    steps are sequential inside the block, which at this size costs less than the ~15 launches of the
-//    level-3 path (d <= 64 is launch-latency bound: perf_targets.md §0).
+//    level-3 path (d <= 64 is launch-latency bound: docs/performance.md).
 //  * otherwise the level-3 UT form, H_0…H_{k-1} = I - Y T Yᵀ, T = (I + D N)⁻¹ D, N = striu(YᵀY): the
 //    products are cuBLAS batched GEMMs in the glue; these kernels do what cuBLAS cannot: the unit-lower
 //    extraction, tau from the Gram diagonal, T's diagonal leaves by substitution, I - Q, and the

@@ -19,8 +19,9 @@ so a one-sided layer costs about 2 GEMMs + small block products against nn.Linea
 * Parameters: ``in_blocks`` / ``out_blocks`` (layout per method, block_methods.py), always starting at
   R = I. They stay float32 when the model is cast to float16/bfloat16 (``model.to(torch.bfloat16)``
   casts W0, the bias and the activations; the maps need float32 to stay orthogonal).
-* recompute=True saves only the input for backward and recomputes the inner activation W0 R_inᵀ x there
-  (one more frozen GEMM per backward, the memory of a plain nn.Linear).
+* recompute=True saves only the input for backward and recomputes the rest there (the maps, and the inner
+  activation W0 R_inᵀ x: one more frozen GEMM per backward), the memory of a plain nn.Linear. Its maps
+  are computed per layer, not in the group's batched call.
 """
 import math
 from typing import Optional, Tuple
@@ -126,11 +127,17 @@ class OPTBlockLinear(nn.Module):
         y = functional.block_apply(R_out, F.linear(x, self.W0), self.out_perm)
         return y if self.bias is None else y + self.bias
 
+    def _recomputed(self, x: Tensor, P_in: Optional[Tensor], P_out: Optional[Tensor]) -> Tensor:
+        def rotation(side, P):
+            return None if P is None else self.method.rotation(P, self.side_block(side), self.terms)
+        return self._forward_impl(x, rotation("in", P_in), rotation("out", P_out))
+
     def forward(self, x: Tensor) -> Tensor:
-        R_in, R_out = self._rotations()
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward_impl, x, R_in, R_out, use_reentrant=False)
-        return self._forward_impl(x, R_in, R_out)
+            # the maps and the inner activation are recomputed in backward: only x (and the parameters) are
+            # kept, and this layer's maps are its own calls, outside the group's batched call
+            return checkpoint(self._recomputed, x, self.in_blocks, self.out_blocks, use_reentrant=False)
+        return self._forward_impl(x, *self._rotations())
 
     def effective_weight(self, W0: Optional[Tensor] = None) -> Tensor:
         """W = R_out W0 R_inᵀ ([out, in], in W0's dtype), for merging and inspection."""

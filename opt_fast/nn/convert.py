@@ -1,6 +1,6 @@
-"""Model surgery: ``convert`` swaps nn.Linear / nn.Conv1d / nn.Conv2d for OPT layers (or, with a block size,
-nn.Linear for block-orthogonal layers), ``merge`` swaps them back for plain layers holding the effective
-weight (inference, export)."""
+"""Model surgery: ``convert`` swaps nn.Linear / nn.Conv1d / nn.Conv2d / nn.MultiheadAttention for OPT layers
+(or, with a block size, nn.Linear for block-orthogonal layers), ``merge`` swaps them back for plain layers
+holding the effective weight (inference, export)."""
 import copy
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -8,28 +8,33 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import attention as _attention
+from .attention import OPTMultiheadAttention
 from .block import SIDES, OPTBlockLinear
 from .block_methods import get_block_method
 from .group import Grouping, group_layers
 from .layers import OPTConv1d, OPTConv2d, OPTLayer, OPTLinear
 from .methods import get_method, normalize_init
 
-_OPT_MODULES = (OPTLayer, OPTBlockLinear)
+_OPT_MODULES = (OPTLayer, OPTBlockLinear, OPTMultiheadAttention)
 
-_TARGETS = {nn.Linear: OPTLinear, nn.Conv1d: OPTConv1d, nn.Conv2d: OPTConv2d}
+_TARGETS = {nn.Linear: OPTLinear, nn.Conv1d: OPTConv1d, nn.Conv2d: OPTConv2d,
+            nn.MultiheadAttention: OPTMultiheadAttention}
 
 
 def _why_not(module: nn.Module, block: bool = False) -> Optional[str]:
     """None if ``module`` can become an OPT layer, else the reason it cannot."""
     kind = type(module)
-    if block and kind is not nn.Linear and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        if kind in _TARGETS:
-            return f"{kind.__name__}: block-orthogonal layers replace nn.Linear only"
+    if block and kind in _TARGETS and kind is not nn.Linear:
+        return f"{kind.__name__}: block-orthogonal layers (block_size set) replace nn.Linear only"
     if kind not in _TARGETS:
         base = next((t.__name__ for t in _TARGETS if isinstance(module, t)), None)
-        if base is not None:  # e.g. MultiheadAttention's out_proj, whose weight its parent reads directly
-            return f"{kind.__name__} is a subclass of nn.{base}; only exact nn.Linear/Conv1d/Conv2d are converted"
-        return f"{kind.__name__} is not supported (only nn.Linear, nn.Conv1d, nn.Conv2d)"
+        if base is not None:  # e.g. MultiheadAttention's out_proj, converted with its parent
+            return (f"{kind.__name__} is a subclass of nn.{base}; only exact nn.Linear/Conv1d/Conv2d/"
+                    f"MultiheadAttention are converted (an attention's out_proj is converted with it)")
+        return f"{kind.__name__} is not supported (only nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)"
+    if kind is nn.MultiheadAttention:
+        return _attention.why_not(module)
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) or isinstance(
             module.weight, nn.parameter.UninitializedParameter):
         return "its weight is not initialised yet (lazy module)"
@@ -42,11 +47,15 @@ def _why_not(module: nn.Module, block: bool = False) -> Optional[str]:
 
 
 def _candidates(model: nn.Module) -> Dict[str, nn.Module]:
+    inside_attention = _attention.out_projections(model)
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not isinstance(m, _OPT_MODULES)}
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention))
+            and not isinstance(m, _OPT_MODULES) and id(m) not in inside_attention}
 
 
-def _build(module: nn.Module, keep_weights: bool, layer_kwargs) -> OPTLayer:
+def _build(module: nn.Module, keep_weights: bool, layer_kwargs) -> nn.Module:
+    if isinstance(module, nn.MultiheadAttention):
+        return OPTMultiheadAttention.from_module(module, keep_weights, **layer_kwargs)
     w = module.weight
     kwargs = dict(layer_kwargs, bias=module.bias is not None, device=w.device, dtype=w.dtype)
     if isinstance(module, nn.Linear):
@@ -91,10 +100,12 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
             stochastic: Optional[float] = None, sample: str = "coordinate",
             num_reflectors: Optional[int] = None, block_size: Optional[int] = None, sides: str = "both",
             permute: bool = True, terms: int = 5, recompute: bool = False) -> nn.Module:
-    """Replace ``model``'s nn.Linear / nn.Conv1d / nn.Conv2d (groups=1) by OPT layers, in place.
+    """Replace ``model``'s nn.Linear / nn.Conv1d / nn.Conv2d (groups=1) by OPT layers, in place, and each
+    nn.MultiheadAttention by an OPTMultiheadAttention (its q, k, v and out projections as OPT layers).
 
-    method: see opt_fast.nn.METHODS (default "gram_schmidt"). init: "reference" (the released code's init,
-    the default) or "identity" (R = I; the default when keep_weights=True).
+    method: see opt_fast.nn.METHODS (default "gram_schmidt"). init: None / "default" (the released code's
+    init, except orth_reg: a random orthogonal R), "reference" (the released code's init) or "identity"
+    (R = I; the default when keep_weights=True).
     keep_weights: use each layer's pretrained weight as W0 (and copy its bias) with R = I, so the
     converted model computes what the original did (orthogonal fine-tuning); otherwise W0 is a fresh
     random draw. include: qualified module names to convert (each must be convertible, else
@@ -124,7 +135,7 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
     else:
         method = "gram_schmidt" if method is None else method
         get_method(method)
-        init = normalize_init(init if init is not None else ("identity" if keep_weights else "reference"))
+        init = normalize_init("identity" if init is None and keep_weights else init)
         layer_kwargs = dict(method=method, init=init, stochastic=stochastic, sample=sample,
                             num_reflectors=num_reflectors)
     candidates = _candidates(model)
@@ -188,16 +199,20 @@ def _plain(layer: nn.Module) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose OPT layers are plain nn.Linear / nn.Conv1d / nn.Conv2d holding the
-    effective weight (W = W0 Rᵀ, or R_out W0 R_inᵀ for block layers; no rotation computed at inference;
-    exportable). ``model`` is left untouched."""
-    if isinstance(model, _OPT_MODULES):
+    """A deep copy of ``model`` whose OPT layers are plain nn.Linear / nn.Conv1d / nn.Conv2d /
+    nn.MultiheadAttention holding the effective weight (W = W0 Rᵀ, or R_out W0 R_inᵀ for block layers; no
+    rotation computed at inference; exportable). ``model`` is left untouched."""
+    if isinstance(model, (OPTLayer, OPTBlockLinear)):
         return _plain(model)
     merged = copy.deepcopy(model)
     for module in list(merged.modules()):
         grouping = module.__dict__.get("_opt_grouping")
         if isinstance(grouping, Grouping):
             grouping.remove()
-    for layer in [m for m in merged.modules() if isinstance(m, _OPT_MODULES)]:
+    if isinstance(merged, OPTMultiheadAttention):
+        return merged.merged()
+    for attn in [m for m in merged.modules() if isinstance(m, OPTMultiheadAttention)]:
+        _replace(merged, attn, attn.merged())
+    for layer in [m for m in merged.modules() if isinstance(m, (OPTLayer, OPTBlockLinear))]:
         _replace(merged, layer, _plain(layer))
     return merged

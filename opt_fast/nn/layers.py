@@ -1,7 +1,7 @@
 """OPT layers: frozen random neurons W0 (a buffer) rotated by a learned orthogonal R on the fan-in.
 
 In PyTorch weight layout W0 is [out, in, *k]; flattened to V0 [n, d] (rows = neurons, d = fan-in) the
-layer uses V = V0 Rᵀ, i.e. every neuron w_j becomes R w_j (opt_spec.md §0). R comes from the layer's
+layer uses V = V0 Rᵀ, i.e. every neuron w_j becomes R w_j (docs/methods.md). R comes from the layer's
 method (methods.py); layers of one model that share a method and shape are batched by group.py.
 """
 import math
@@ -22,13 +22,14 @@ class OPTLayer(nn.Module):
     OPT options (keyword-only on the concrete layers):
       method: "cayley", "gram_schmidt" (default), "householder", "householder_qr", "lowdin", "ogd",
         "orth_reg" or "none" (see docs/methods.md).
-      init: "reference" (the released code's init, default) or "identity" (R = I; alias "zero").
+      init: None / "default" (the released code's init, except orth_reg: a random orthogonal R),
+        "reference" (the released code's init) or "identity" (R = I; alias "zero").
       stochastic: fraction of the fan-in rotated by stochastic OPT (None = full OPT); sample:
         "coordinate" or "channel". num_reflectors: k for "householder" (default d).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, ...], bias: bool,
-                 method, init: str, stochastic: Optional[float], sample: str,
+                 method, init: Optional[str], stochastic: Optional[float], sample: str,
                  num_reflectors: Optional[int], device, dtype):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -38,7 +39,7 @@ class OPTLayer(nn.Module):
         self.fan_in = d = in_channels * math.prod(kernel_size)
         self.stochastic, self.sample = stochastic, sample
 
-        # W0 ~ N(0, 2/d), He-normal on the fan-in and not normalised, as released (opt_spec §1.2).
+        # W0 ~ N(0, 2/d), He-normal on the fan-in and not normalised, as released (docs/methods.md).
         W0 = torch.empty((out_channels, in_channels) + tuple(kernel_size), **factory)
         self.register_buffer("W0", W0.normal_(0.0, math.sqrt(2.0 / d)))
 
@@ -49,7 +50,7 @@ class OPTLayer(nn.Module):
                                  f"R = I; {self.method.name!r} is not one of {ok}")
             idx = _stoch.sample_indices(d, in_channels, stochastic, sample, device=W0.device)
             self.register_buffer("idx", idx)
-            shape, init = (idx.numel(),) * 2, "identity"  # S-OPT starts every P_s at I (opt_spec §2.7)
+            shape, init = (idx.numel(),) * 2, "identity"  # S-OPT starts every P_s at I (docs/methods.md)
         else:
             shape, init = self.method.shape(d, out_channels, num_reflectors), self.init_mode
         P = self.method.init(shape, init, **factory)
@@ -72,7 +73,7 @@ class OPTLayer(nn.Module):
     @property
     def learnable(self) -> Tensor:
         """The learnable tensor (P, V, R or weight, depending on the method)."""
-        return getattr(self, self.method.param_name)
+        return self._parameters[self.method.param_name]  # not getattr: "weight" is also the property below
 
     @property
     def direct(self) -> bool:
@@ -111,6 +112,30 @@ class OPTLayer(nn.Module):
     def effective_weight(self) -> Tensor:
         """The weight the layer uses, in PyTorch layout [out, in, *k] (what merge() stores)."""
         return self.weight_matrix().reshape(self.W0.shape)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight [out, in, *k], as nn.Linear / nn.Conv's ``.weight`` (code written for those
+        layers, e.g. torch's Transformer fast path, reads it). Computed from the parameters on every access
+        (differentiable; in-place changes to it do not reach the layer) and read-only: assigning raises.
+        For method "none" it is the learnable Parameter itself (its state_dict key stays ``weight``)."""
+        plain = self.__dict__.get("_parameters", {}).get("weight")
+        if plain is not None:  # method "none"
+            return plain if plain.shape == self.W0.shape else plain.view(self.W0.shape)
+        if self.method.name == "none":  # still in __init__: lets register_parameter("weight") proceed
+            raise AttributeError("weight")
+        try:
+            return self.effective_weight()
+        except AttributeError as e:  # not swallowed by nn.Module.__getattr__ into "no attribute 'weight'"
+            raise RuntimeError(f"opt_fast.nn: computing {type(self).__name__}.weight failed: {e}") from e
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and "weight" not in self.__dict__.get("_parameters", {}):
+            raise AttributeError(
+                f"opt_fast.nn: {type(self).__name__}.weight is the effective weight W0 Rᵀ computed from the layer's "
+                f"parameters and cannot be assigned; use load_weight(W) to make the layer compute W (it sets W0), "
+                f"or change the learnable parameter {self.method.name!r} uses ({self.method.param_name!r})")
+        super().__setattr__(name, value)
 
     def rotation(self) -> Tensor:
         """The full d×d R (identity outside the sampled block for stochastic layers); for diagnostics,
@@ -186,7 +211,7 @@ class OPTLinear(OPTLayer):
     """nn.Linear's signature plus the OPT options; y = x Vᵀ + b with V = W0 Rᵀ ([out, in])."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, method="gram_schmidt", *,
-                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 init: Optional[str] = None, stochastic: Optional[float] = None, sample: str = "coordinate",
                  num_reflectors: Optional[int] = None, device=None, dtype=None):
         super().__init__(in_features, out_features, (), bias,
                          **_method_kwargs(method, init, stochastic, sample, num_reflectors, device, dtype))
@@ -235,7 +260,7 @@ class OPTConv1d(_OPTConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", method="gram_schmidt", *,
-                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 init: Optional[str] = None, stochastic: Optional[float] = None, sample: str = "coordinate",
                  num_reflectors: Optional[int] = None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, method, init, stochastic, sample, num_reflectors, device, dtype)
@@ -246,7 +271,7 @@ class OPTConv2d(_OPTConvNd):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", method="gram_schmidt", *,
-                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 init: Optional[str] = None, stochastic: Optional[float] = None, sample: str = "coordinate",
                  num_reflectors: Optional[int] = None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, method, init, stochastic, sample, num_reflectors, device, dtype)

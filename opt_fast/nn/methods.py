@@ -2,7 +2,9 @@
 
 Every function here is batched over leading dimensions, so that a group of same-shaped layers is served
 by ONE ``torch.ops.opt_fast`` call (see group.py). A method object is stateless; the layer owns the
-tensors. Defaults reproduce the released TF code (opt_spec.md); ``init="identity"`` starts at R = I.
+tensors. ``init="reference"`` reproduces the released TF code's init, ``init="identity"`` starts at
+R = I, and ``init="default"`` (what ``init=None`` means) is the reference init for every method except
+``orth_reg``, which starts at a random orthogonal R (docs/methods.md).
 """
 from typing import Dict, Optional, Tuple
 
@@ -14,12 +16,12 @@ from .. import functional
 # Looked up at call time (not bound at import) so that tests and profilers can wrap the entry point.
 _ops = torch.ops.opt_fast
 
-INITS = ("reference", "identity")
+INITS = ("default", "reference", "identity")
 _INIT_ALIASES = {"zero": "identity"}  # "zero" = P = 0 for Cayley, which is R = I for every method
 
 
-def normalize_init(init: str) -> str:
-    init = _INIT_ALIASES.get(init, init)
+def normalize_init(init: Optional[str]) -> str:
+    init = "default" if init is None else _INIT_ALIASES.get(init, init)
     if init not in INITS:
         raise ValueError(f"opt_fast.nn: unknown init {init!r}; valid: {', '.join(INITS + tuple(_INIT_ALIASES))}")
     return init
@@ -27,6 +29,13 @@ def normalize_init(init: str) -> str:
 
 def _eye(shape, dtype, device) -> Tensor:
     return torch.eye(shape[-1], dtype=dtype, device=device).expand(shape).clone()
+
+
+def random_orthogonal(shape, dtype, device) -> Tensor:
+    """Haar-distributed orthogonal matrices: Q of the QR of a Gaussian matrix, columns signed so that
+    diag(R') > 0 (without the sign fix Q is not uniformly distributed)."""
+    Q, Rp = torch.linalg.qr(torch.randn(shape, dtype=dtype, device=device))
+    return Q * torch.sign(torch.diagonal(Rp, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
 class Method:
@@ -42,8 +51,8 @@ class Method:
         return (d, d)
 
     def init(self, shape, init: str, dtype, device) -> Tensor:
-        # The released code draws every P (cp, gs, hr, ls, or) i.i.d. N(0, 1) (opt_spec.md §2).
-        if init == "reference":
+        # The released code draws every P (cp, gs, hr, ls, or) i.i.d. N(0, 1) (docs/methods.md).
+        if init in ("default", "reference"):
             return torch.randn(shape, dtype=dtype, device=device)
         return _eye(shape, dtype, device)
 
@@ -62,7 +71,7 @@ class Method:
 
 
 class Cayley(Method):
-    """R = cayley(S), S = triu(P) - triu(P)ᵀ (opt_spec §2.1: exact transform, no 1/2 on S; the strictly
+    """R = cayley(S), S = triu(P) - triu(P)ᵀ (docs/methods.md#cayley: exact transform, no 1/2 on S; the strictly
     lower triangle of P is unused). Identity init is P = 0."""
     name = "cayley"
 
@@ -77,7 +86,7 @@ class Cayley(Method):
 
 
 class GramSchmidt(Method):
-    """R = Gram-Schmidt of the ROWS of P (opt_spec §2.2) = transpose of the op's column Q."""
+    """R = Gram-Schmidt of the ROWS of P (docs/methods.md#gram_schmidt) = transpose of the op's column Q."""
     name = "gram_schmidt"
 
     def rotation(self, P, R0=None):
@@ -85,7 +94,7 @@ class GramSchmidt(Method):
 
 
 class HouseholderQR(Method):
-    """The released "HR" code: Q of a Householder QR of P with d-1 reflectors (opt_spec §2.3). That is
+    """The released "HR" code: Q of a Householder QR of P with d-1 reflectors (docs/methods.md#householder_qr). That is
     Q of P = QR' with diag(R') > 0 on the first d-1 columns and the last column's sign set so that
     det R = (-1)^(d-1). Identity init gives I only for odd d (for even d, diag(1, ..., 1, -1))."""
     name = "householder_qr"
@@ -136,7 +145,7 @@ class Householder(Method):
 
 
 class Lowdin(Method):
-    """R = polar factor of P (opt_spec §2.4), warm-started from the previous step's R (a non-persistent
+    """R = polar factor of P (docs/methods.md#lowdin), warm-started from the previous step's R (a non-persistent
     buffer of the layer). The op iterates to float-grade orthogonality; the warm start changes its cost,
     not its result."""
     name = "lowdin"
@@ -148,7 +157,7 @@ class Lowdin(Method):
 
 class OGD(Method):
     """R itself is the parameter (identity init in every mode), kept orthogonal by
-    opt_fast.optim.CayleySGD (opt_spec §2.5). No weight decay on R."""
+    opt_fast.optim.CayleySGD (docs/methods.md#ogd). No weight decay on R."""
     name = "ogd"
     param_name = "R"
     uses_op = False
@@ -162,13 +171,22 @@ class OGD(Method):
 
 
 class OrthReg(Method):
-    """Unconstrained R (N(0,1) as released, so R Rᵀ ≈ d I at the start) plus the soft penalty
-    opt_fast.orth_reg_loss (opt_spec §2.6). R is NOT orthogonal."""
+    """Unconstrained R plus the soft penalty opt_fast.orth_reg_loss (λ‖RRᵀ − I‖²_F); R is NOT orthogonal.
+
+    Default init: a random orthogonal R (Haar), so W = R W0 starts with W0's statistics and the penalty
+    at 0. ``init="reference"`` is the released code's i.i.d. N(0, 1) R (R Rᵀ ≈ d·I: weights √d too
+    large at the start; use it with the released unsquared penalty, ``orth_reg_loss(squared=False)``).
+    """
     name = "orth_reg"
     param_name = "R"
     uses_op = False
     orthogonal = False
     stochastic_ok = False
+
+    def init(self, shape, init, dtype, device):
+        if init == "default":
+            return random_orthogonal(shape, dtype, device)
+        return super().init(shape, init, dtype, device)
 
     def rotation(self, P, R0=None):
         return P

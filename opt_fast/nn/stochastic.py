@@ -1,4 +1,4 @@
-"""Stochastic OPT (S-OPT, opt_spec.md §2.7): rotate only a random subset I of the fan-in coordinates.
+"""Stochastic OPT (S-OPT, docs/methods.md): rotate only a random subset I of the fan-in coordinates.
 
 A stochastic layer learns an m×m P_s (identity init) and uses R_s = map(P_s) on the columns I of V0
 (rows of the TF layout's W0); the full R is R_s on I and the identity elsewhere, so it is still an

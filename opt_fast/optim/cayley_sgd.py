@@ -1,5 +1,5 @@
 """Cayley SGD with momentum (Li, Fuxin & Todorovic, ICLR 2020, Alg. 1 with q = 0.5, s = 2): the optimiser
-of OPT's ``ogd`` method, exactly as the released code runs it (opt_spec.md §2.5)."""
+of OPT's ``ogd`` method, exactly as the released code runs it (docs/methods.md#ogd)."""
 import torch
 from torch.optim import Optimizer
 

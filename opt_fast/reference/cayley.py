@@ -1,7 +1,7 @@
-"""Reference Cayley transform: Q = (I + S)(I - S)^-1, the map of OPT-CP (opt_spec.md §2.1).
+"""Reference Cayley transform: Q = (I + S)(I - S)^-1, the map of OPT-CP (docs/methods.md#cayley).
 
 Forward with one inverse, using the identity I + Q = 2 (I - S)^-1, i.e. Q = 2 M - I with M = (I - S)^-1
-(perf_targets.md §2.4).
+(docs/performance.md).
 
 Backward from the saved output alone. With dQ = dS M + (I + S) dM and dM = M dS M we get
 dQ = (I + Q) dS M = 2 M dS M, so for an upstream gradient G
@@ -11,6 +11,10 @@ dQ = (I + Q) dS M = 2 M dS M, so for an upstream gradient G
 This is the full gradient with respect to S: it holds for any S with I - S invertible, so the caller's
 own map P -> S (e.g. triu(P) - triu(P)ᵀ) is differentiated by autograd around the op. For skew S,
 I - S is never singular (its symmetric part is I).
+
+S is deliberately not checked for skew-symmetry: the op is the Cayley transform of any S with I - S
+invertible (forward and backward above hold for all of them), and Q is orthogonal exactly when S is skew.
+Only a singular I - S raises.
 """
 import torch
 from torch import Tensor

@@ -1,6 +1,6 @@
 """Reference Gram-Schmidt: the columns of P orthonormalised in order, i.e. Q of P = QR with diag(R) > 0.
 
-Classical Gram-Schmidt (what OPT's released code unrolls, opt_spec.md §2.2) loses orthogonality like
+Classical Gram-Schmidt (what OPT's released code unrolls, docs/methods.md#gram_schmidt) loses orthogonality like
 O(u κ²) on the square N(0,1) matrices OPT starts from (κ ~ d), so the reference computes the same
 mathematical result with Householder QR (LAPACK geqrf/orgqr: orthogonality O(u) whatever κ) and flips
 signs so that diag(R) > 0. ``block_size`` belongs to the blockwise kernels; the reference ignores it.

@@ -1,4 +1,8 @@
-"""Reference Löwdin orthogonalisation: the orthogonal polar factor R = P (PᵀP)^(-1/2) of square P.
+"""Reference Löwdin orthogonalisation: the orthogonal polar factor R = P (PᵀP)^(-1/2) of P [..., m, n], m >= n.
+
+For square P, R is orthogonal; for tall P (m > n), R has orthonormal columns: it is U Vᵀ of the thin SVD
+P = U diag(σ) Vᵀ, the orthonormal matrix nearest to P (what Muon-style optimizers approximate). Everything
+below works on the n×n Gram side, so tall P costs what its n×n Gram matrices and m×n products cost.
 
 Method (Newton–Schulz-type, matmuls only in the loop)
 -----------------------------------------------------
@@ -82,16 +86,20 @@ leaves 4.9 t_bmm, of which R0ᵀP and the final product take 2. What was tried:
     σᵢ/σⱼ > 3 + 2 sqrt(2) (measured: the second Cholesky fails / NaN).
   * Left/right combinations give the same c (same sign); no cancellation.
 Certified reuse. R0 is returned (after Newton–Schulz polishing if needed, normally zero steps) only
-if its backward residual ||skew(R0ᵀP)||_F <= 10 eps ||P||_F and ||R0ᵀR0 - I||_F / sqrt(d) <= 1e-3;
-otherwise the cold iteration runs. Calibration (float32, d = 576 / 1024, in eps ||P||_F): SVD's
-U @ Vh 6.5-7.8, this module's cold output 8.9-9.3 (7.8-8.3 at d = 128-256); the exact polar factor
-of P moved by 1e-6 / 1.5e-6 / 2e-6: 6.1 / 9.0 / 12, with errors 0.76-1.15x / 1.15-1.8x / 1.5-1.8x the
-SVD route's, so an accepted R0 stays within ~1.8x of it (the accuracy rule allows 2x). In float64 the
-cold output's residual grows like sqrt(d) (18-37 at d = 256-1024) and is not accepted there.
+if its backward residual ||skew(R0ᵀP)||_F <= 10 eps ||P||_F, ||R0ᵀR0 - I||_F / sqrt(d) <= 1e-3 and
+sym(R0ᵀP) is positive definite (one Cholesky factorisation, only once the residual passed: without it
+R0 = -R was accepted); otherwise the cold iteration runs. Square P only: tall P always starts cold.
+Calibration (float32, d = 576 / 1024, in eps ||P||_F): SVD's U @ Vh 6.5-7.8, this module's cold
+output 8.9-9.3 (7.8-8.3 at d = 128-256); the exact polar factor of P moved by 1e-6 / 1.5e-6 / 2e-6:
+6.1 / 9.0 / 12, with errors 0.76-1.15x / 1.15-1.8x / 1.5-1.8x the SVD route's, so an accepted R0
+stays within ~1.8x of it (the accuracy rule allows 2x). In float64 the cold output's residual grows
+like sqrt(d) (18-37 at d = 256-1024) and is not accepted there.
 Cost: one matmul (R0ᵀP) when R0 is stale (~3% of a cold solve); when P is unchanged (e.g. in
 evaluation) 2 matmuls: 0.031 s against 0.22 s for the SVD route and 0.47 s cold (batch 5 x 576
-float32; 1 thread: 0.075-0.14 s against 0.48-0.91 s and 1.1-1.8 s). A stale, non-orthogonal or
-NaN R0 falls back to the cold iteration; R0 gets no gradient.
+float32; 1 thread: 0.075-0.14 s against 0.48-0.91 s and 1.1-1.8 s), plus the positivity check's
+Cholesky, which about doubles it (same batch, C++ kernel, min of 5 interleaved on a heavily loaded
+machine: 0.56 s with it, 0.25 s for the checks without it, 11.9 s for the SVD route). A stale,
+non-orthogonal, sign-flipped or NaN R0 falls back to the cold iteration; R0 gets no gradient.
 """
 import math
 from typing import List, Optional, Tuple
@@ -226,7 +234,7 @@ def _iterate(X: Tensor, A: Tensor, iters: int, lo: float, hi: float) -> Tensor:
             if k == iters:
                 return X
         else:
-            err = _orth_error(A)
+            err = _orth_error(A.detach())  # a measurement: no derivative
             finite = torch.isfinite(err)
             # NaN/inf matrices cannot converge: they are left out of the rule (their output stays NaN).
             worst = float(err[finite].max()) if bool(finite.any()) else 0.0
@@ -260,13 +268,17 @@ _WARM_RESIDUAL = 10.0  # accept R0 if ||skew(R0ᵀP)||_F <= this * eps ||P||_F (
 
 
 def _warm_start(P: Tensor, R0: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-    """Use R0 only if it is already the polar factor of P to working accuracy.
+    """Use R0 only if it is already the polar factor of square P to working accuracy.
 
-    R0 is accepted when it is orthogonal to 1e-3 (the Newton–Schulz tail polishes the rest) and
-    its backward residual ||skew(R0ᵀP)||_F is at the rounding level of a backward-stable polar
+    R0 is accepted when it is orthogonal to 1e-3 (the Newton–Schulz tail polishes the rest), its
+    backward residual ||skew(R0ᵀP)||_F is at the rounding level of a backward-stable polar
     decomposition (R0 is then the exact polar factor of P + δP with ||δP||_F ≲ that residual; in
-    float32 SVD's U Vh leaves ≈ 7 eps ||P||_F, the cold iteration ≈ 9). Otherwise None (cold start):
-    see the module docstring for why no cheap correction of a stale R0 is accurate enough.
+    float32 SVD's U Vh leaves ≈ 7 eps ||P||_F, the cold iteration ≈ 9), and sym(R0ᵀP) is positive
+    definite (a Cholesky factorisation exists): a symmetric R0ᵀP alone also holds for R0 = -R or any
+    R Q with Q a symmetric orthogonal matrix commuting with H, which are not the polar factor.
+    Otherwise None (cold start): see the module docstring for why no cheap correction of a stale R0
+    is accurate enough. Tall P never gets here (lowdin_ref): its certificate would also have to show
+    that R0 spans the column space of P.
     """
     if not bool(torch.isfinite(R0).all()):
         return None
@@ -275,6 +287,8 @@ def _warm_start(P: Tensor, R0: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     bound = _WARM_RESIDUAL * torch.finfo(P.dtype).eps * torch.linalg.matrix_norm(P)
     if not bool((skew <= bound).all()):
         return None
+    if bool((torch.linalg.cholesky_ex(0.5 * (M + M.mT)).info != 0).any()):
+        return None
     A = R0.mT @ R0
     if float(_orth_error(A).max()) > 1e-3:
         return None
@@ -282,23 +296,23 @@ def _warm_start(P: Tensor, R0: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
 
 
 def lowdin_ref(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
-    """Orthogonal polar factor R = P (PᵀP)^(-1/2) of P [..., d, d] by a Newton–Schulz-type iteration.
+    """Polar factor R = P (PᵀP)^(-1/2) of P [..., m, n] (m >= n) by a Newton–Schulz-type iteration.
 
-    iters == 0: iterate until ||XᵀX - I||_F / sqrt(d) <= tol (1e-6 float32, 1e-13 float64) for every
+    iters == 0: iterate until ||XᵀX - I||_F / sqrt(n) <= tol (1e-6 float32, 1e-13 float64) for every
     matrix of the batch, at most len(_SCHEDULE) + 30 steps (singular P, NaN). iters > 0: exactly that
     many polynomial steps (the fixed schedule, nothing measured). R0: optional previous polar factor
-    (warm start); it is only used when it is still the polar factor of P to working accuracy,
-    otherwise the cold iteration runs.
+    (warm start) of square P; it is only used when it is still the polar factor of P to working
+    accuracy, otherwise (and always for tall P) the cold iteration runs.
     """
     _checks.lowdin(P, iters, R0)
     shape = P.shape
-    d = shape[-1]
+    m, n = shape[-2], shape[-1]
     if P.numel() == 0:
         return torch.empty(shape, dtype=P.dtype, device=P.device)
-    P3 = P.reshape(-1, d, d)  # copies non-contiguous input if needed
+    P3 = P.reshape(-1, m, n)  # copies non-contiguous input if needed
     start = None
-    if R0 is not None:
-        start = _warm_start(P3, R0.detach().reshape(-1, d, d).to(P.dtype))
+    if R0 is not None and m == n:
+        start = _warm_start(P3, R0.detach().reshape(-1, m, n).to(P.dtype))
     if start is not None:
         X, A = start
         X = _iterate(X.clone(), A, iters, 1.0, 1.0)  # converged: Newton–Schulz polish; never alias R0
@@ -314,12 +328,15 @@ def lowdin_ref(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor
 
 
 def lowdin_backward_ref(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
-    """VJP of P -> R = polar(P): dP = R Y with H Y + Y H = A - Aᵀ, H = sym(RᵀP), A = Rᵀ grad.
+    """VJP of P -> R = polar(P): dP = R Y + (G - R A) H⁻¹ with H Y + Y H = A - Aᵀ, H = sym(RᵀP),
+    A = Rᵀ G (G = grad; the second term is zero for square P, where R Rᵀ = I).
 
-    Derivation: P = R H gives Rᵀ dP = Ω H + dH with Ω = Rᵀ dR skew and dH symmetric, so the skew part
-    Rᵀ dP - dPᵀ R = Ω H + H Ω. For L = <G, dR> = <RᵀG, Ω> and the self-adjoint Lyapunov operator
-    𝓛(Ω) = Ω H + H Ω this is <𝓛⁻¹(skew(RᵀG)), Rᵀ dP - dPᵀ R> = <2 R 𝓛⁻¹(skew(RᵀG)), dP>, i.e. the
-    formula above. Uses only P and R, so memory does not depend on the forward's iteration count.
+    Derivation: P = R H with RᵀR = I gives Rᵀ dP = Ω H + dH with Ω = Rᵀ dR skew and dH symmetric, so
+    the skew part Rᵀ dP - dPᵀ R = Ω H + H Ω; for tall P, dR also leaves the column space of R:
+    (I - R Rᵀ) dR = (I - R Rᵀ) dP H⁻¹. For L = <G, dR> = <RᵀG, Ω> + <(I - R Rᵀ) G, dP H⁻¹> and the
+    self-adjoint Lyapunov operator 𝓛(Ω) = Ω H + H Ω the first part is
+    <𝓛⁻¹(skew(RᵀG)), Rᵀ dP - dPᵀ R> = <2 R 𝓛⁻¹(skew(RᵀG)), dP>, i.e. the formula above. Uses only P
+    and R, so memory does not depend on the forward's iteration count.
     """
     _checks.grad_like("lowdin_backward", grad, R.shape)
     if grad.numel() == 0:
@@ -331,9 +348,12 @@ def lowdin_backward_ref(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
     C = V.mT @ (A - A.mT) @ V
     # In H's eigenbasis the Lyapunov equation is diagonal: Y_ij = C_ij / (σ_i + σ_j). The denominators
     # are >= 2 σ_min: the gradient of R is as ill-conditioned as R itself (infinite for singular P).
-    # The diagonal of C is zero (C is skew), so d = 1 gives dP = 0 (R = sign(p) is locally constant).
+    # The diagonal of C is zero (C is skew), so n = 1 gives R Y = 0 (R = p / |p| only turns).
     Y = C / (lam.unsqueeze(-1) + lam.unsqueeze(-2))
-    return R @ (V @ Y @ V.mT)
+    out = R @ (V @ Y @ V.mT)
+    if P.shape[-2] > P.shape[-1]:
+        out = out + (grad - R @ A) @ ((V / lam.unsqueeze(-2)) @ V.mT)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -342,15 +362,16 @@ def lowdin_backward_ref(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
 
 
 def lowdin_svd_ref(P: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(R, U, S, Vh) with P = U diag(S) Vh (torch.linalg.svd) and R = U Vh, the polar factor lowdin computes.
+    """(R, U, S, Vh) with P = U diag(S) Vh the thin SVD (torch.linalg.svd) and R = U Vh, the polar factor
+    lowdin computes; P [..., m, n] (m >= n) gives U [..., m, n], S [..., n], Vh [..., n, n].
 
     lowdin_backward must recompute an eigendecomposition of H = RᵀP; keeping the forward's factors makes
-    the backward four matmuls (lowdin_svd_backward). Matrices with a non-finite entry give NaN in all four
-    outputs (LAPACK is never handed one); the rest of the batch is unaffected.
+    the backward four matmuls (five for tall P; lowdin_svd_backward). Matrices with a non-finite entry give
+    NaN in all four outputs (LAPACK is never handed one); the rest of the batch is unaffected.
     """
     _checks.lowdin_svd(P)
     finite = torch.isfinite(P).all(-1).all(-1)[..., None, None]
-    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
+    eye = torch.eye(P.shape[-2], P.shape[-1], dtype=P.dtype, device=P.device)
     U, S, Vh = torch.linalg.svd(torch.where(finite, P, eye), full_matrices=False)
     nan = torch.tensor(float("nan"), dtype=P.dtype, device=P.device)
     U, Vh = torch.where(finite, U, nan), torch.where(finite, Vh, nan)
@@ -360,7 +381,12 @@ def lowdin_svd_ref(P: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def lowdin_svd_backward_ref(grad: Tensor, U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
     """lowdin_backward's formula in P's singular bases: with K = Uᵀ grad V, dP = U Y Vh, Y_ij = (K - Kᵀ)_ij /
-    (σ_i + σ_j) (H = V diag(σ) Vᵀ and R V = U, so C = Vᵀ (Rᵀg - gᵀR) V = K - Kᵀ)."""
+    (σ_i + σ_j) (H = V diag(σ) Vᵀ and R V = U, so C = Vᵀ (Rᵀg - gᵀR) V = K - Kᵀ); tall P adds
+    (I - U Uᵀ) grad H⁻¹ = (grad V - U K) diag(1/σ) Vh."""
     _checks.grad_like("lowdin_svd_backward", grad, U.shape)
-    K = U.mT @ grad @ Vh.mT
-    return U @ ((K - K.mT) / (S.unsqueeze(-1) + S.unsqueeze(-2))) @ Vh
+    GV = grad @ Vh.mT
+    K = U.mT @ GV
+    Y = U @ ((K - K.mT) / (S.unsqueeze(-1) + S.unsqueeze(-2)))
+    if U.shape[-2] > U.shape[-1]:
+        Y = Y + (GV - U @ K) / S.unsqueeze(-2)
+    return Y @ Vh

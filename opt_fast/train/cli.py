@@ -2,7 +2,8 @@
 import argparse
 import sys
 
-from .core import TrainConfig, train
+from .core import ORTH_REG_PENALTIES, TrainConfig, train
+from .recipes import RECIPE_KEYS, RECIPES, describe
 
 D = TrainConfig()
 
@@ -12,45 +13,76 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(f"opt_fast.train: error: {message} (see --help)")
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' where an option has a value of its own; the recipe's options say theirs."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.dest in RECIPE_KEYS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser():
-    p = _Parser(prog="python -m opt_fast.train", description="Train a network with Orthogonal "
-                "Over-Parameterized Training (opt_spec §1 recipe by default). Multi-process: torchrun "
-                "--nproc_per_node N -m opt_fast.train ...")
+    p = _Parser(prog="python -m opt_fast.train", formatter_class=_Formatter, description=(
+        "Train a network with Orthogonal Over-Parameterized Training. --recipe default trains out of the box "
+        "(digits: 0.96-0.99 test accuracy for every method in 10 epochs); --recipe reference is the released "
+        "TF code's CIFAR-100 recipe (docs/training.md). Multi-process: torchrun --nproc_per_node N -m "
+        "opt_fast.train ..."))
     a = p.add_argument
+
+    def r(flag, key, help_, **kw):  # an option whose default comes from the recipe
+        a(flag, default=None, help=f"{help_} ({describe(key)})", **kw)
+
     a("--method", default=D.method, help="cayley, gram_schmidt, householder, householder_qr, lowdin, ogd, orth_reg, none")
     a("--model", default=D.model, help="cnn6 (64-wide CNN-6), cnn6-cp (32/64/128 + fc6 128), resnet18, small (8x8 inputs)")
-    a("--dataset", default=D.dataset, help="digits (offline default), cifar10, cifar100, synthetic")
-    a("--data-dir", default=None, help="CIFAR python-format .tar.gz or extracted folder")
-    a("--out", default=None, help="run folder (metrics.json, plots, checkpoint.pt)")
-    a("--epochs", type=int, default=D.epochs)
+    a("--dataset", default=D.dataset, help="digits (offline, needs scikit-learn), cifar10, cifar100, synthetic")
+    a("--data-dir", default=None, help="CIFAR python-format .tar.gz or extracted folder "
+      "(default: none; needed by cifar10/cifar100)")
+    a("--out", default=None, help="run folder: metrics.json, plots, checkpoint.pt (default: none, "
+      "nothing written)")
+    a("--recipe", default=D.recipe, choices=list(RECIPES), help="default: trains out of the box; reference: the "
+      "released code's CIFAR-100 recipe. Sets the defaults of the options that name it")
+    r("--epochs", "epochs", "passes over the training set", type=int)
     a("--batch-size", type=int, default=D.batch_size, help="global batch (split across DDP ranks)")
-    a("--lr", type=float, default=D.lr)
-    a("--momentum", type=float, default=D.momentum)
+    r("--lr", "lr", "SGD learning rate", type=float)
+    r("--warmup-epochs", "warmup_epochs", "linear learning-rate warm-up", type=float)
+    a("--momentum", type=float, default=D.momentum, help="SGD momentum")
     a("--weight-decay", type=float, default=D.weight_decay, help="coupled (SGD weight_decay)")
     a("--lr-milestones", default=",".join(f"{x:.6g}" for x in D.lr_milestones), help="fractions of training")
-    a("--lr-gamma", type=float, default=D.lr_gamma)
-    a("--label-smoothing", type=float, default=D.label_smoothing)
-    a("--reference-loss", action="store_true", help="log(softmax + 1e-4) as released (§1.4)")
-    a("--no-augment", dest="augment", action="store_false", default=None, help="no pad/crop/flip on 32x32 data")
-    a("--augment", dest="augment", action="store_true", help="force augmentation")
-    a("--bn-eps", type=float, default=D.bn_eps)
-    a("--bn-momentum", type=float, default=D.bn_momentum, help="PyTorch sense (0.001 = TF decay 0.999)")
-    a("--init", default=None, help="reference or identity")
-    a("--ogd-lr", type=float, default=D.ogd_lr)
-    a("--orth-reg-weight", type=float, default=D.orth_reg_weight)
-    a("--stochastic", type=float, default=None, metavar="FRACTION", help="stochastic OPT: fraction of fan-in rotated")
+    a("--lr-gamma", type=float, default=D.lr_gamma, help="lr factor at each milestone")
+    a("--label-smoothing", type=float, default=D.label_smoothing, help="cross-entropy label smoothing")
+    r("--reference-loss", "reference_loss", "log(softmax + 1e-4) as released", action=argparse.BooleanOptionalAction)
+    a("--no-augment", dest="augment", action="store_false", default=None,
+      help="no pad/crop/flip (default: on for 32x32 data, off otherwise)")
+    a("--augment", dest="augment", action="store_true", help="force augmentation (default: see --no-augment)")
+    a("--bn-eps", type=float, default=D.bn_eps, help="BatchNorm eps")
+    r("--bn-momentum", "bn_momentum", "BatchNorm momentum, PyTorch sense (0.001 = TF decay 0.999)", type=float)
+    r("--init", "init", "OPT init: default (reference, but a random orthogonal R for orth_reg), reference "
+      "(the released N(0,1)), identity")
+    a("--ogd-lr", type=float, default=D.ogd_lr, help="CayleySGD learning rate of ogd's R")
+    r("--orth-reg-weight", "orth_reg_weight", "orth_reg: the penalty's weight", type=float)
+    r("--orth-reg-penalty", "orth_reg_penalty", "orth_reg: squared = ‖RRᵀ−I‖²_F, norm = ‖RRᵀ−I‖_F (released)",
+      choices=list(ORTH_REG_PENALTIES))
+    a("--stochastic", type=float, default=None, metavar="FRACTION",
+      help="stochastic OPT: fraction of fan-in rotated (default: off)")
     a("--sample", default=D.sample, help="coordinate or channel")
     a("--episode-epochs", type=int, default=D.episode_epochs, help="epochs per S-OPT episode (resample between)")
-    a("--reset-bn", action="store_true", help="S-OPT: reset the BN after each layer at resample (as released)")
-    a("--seed", type=int, default=D.seed)
-    a("--device", default=D.device)
-    a("--threads", type=int, default=None, help="torch intra-op threads")
-    a("--save-every", type=int, default=D.save_every, metavar="N", help="checkpoint every N epochs (and at the end)")
-    a("--resume", default=None, metavar="PATH", help="continue from a checkpoint.pt")
-    a("--stop-after", type=int, default=None, metavar="EPOCH", help="stop after this epoch (schedule still uses --epochs)")
-    a("--export", default=None, metavar="PATH", help="write the merged plain model's state_dict")
-    a("--compare", default=None, metavar="M1,M2,...", help="train each method with the same seed/budget; table + plot in --out")
-    a("--no-progress", dest="progress", action="store_false")
+    a("--reset-bn", action="store_true", help="S-OPT: reset the BN after each layer at resample, "
+      "as released (default: off)")
+    a("--seed", type=int, default=D.seed, help="model init and data order")
+    a("--device", default=D.device, help="cpu, cuda, cuda:N")
+    a("--threads", type=int, default=None,
+      help="torch intra-op threads (default: 1 on CPU unless OMP_NUM_THREADS is set)")
+    a("--save-every", type=int, default=D.save_every, metavar="N",
+      help="checkpoint every N epochs and at the end (0: only at the end)")
+    a("--resume", default=None, metavar="PATH", help="continue from a checkpoint.pt (default: a fresh run)")
+    a("--stop-after", type=int, default=None, metavar="EPOCH", help="stop after this epoch; the schedule still "
+      "uses --epochs (default: --epochs)")
+    a("--export", default=None, metavar="PATH", help="write the merged plain model's state_dict "
+      "(default: not written)")
+    a("--compare", default=None, metavar="M1,M2,...", help="train each method (or all) with the same "
+      "seed and budget; table + plot in --out (default: one --method)")
+    a("--no-progress", dest="progress", action="store_false", help="no per-step progress bar (default: shown)")
     return p
 
 

@@ -1,5 +1,8 @@
 """The training loop of opt_fast.train (see __init__.py for the overview)."""
+import bisect
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -19,9 +22,13 @@ from opt_fast.nn import METHODS, OPTLayer, convert, merge, resample
 
 from . import checkpoint as ckpt
 from . import data as data_mod
+from . import diagnostics
+from .distributed import Dist
 from . import models as models_mod
+from . import recipes
 
 CKPT_NAME = "checkpoint.pt"
+ORTH_REG_PENALTIES = ("squared", "norm")
 
 
 def fail(msg: str):
@@ -30,31 +37,37 @@ def fail(msg: str):
 
 @dataclass
 class TrainConfig:
+    """Options of one run. Those left at None come from the recipe (recipes.py: ``default`` trains out of
+    the box, ``reference`` is the released code's CIFAR-100 recipe); explicit values win."""
     # what
     method: str = "gram_schmidt"
     model: str = "small"
     dataset: str = "digits"
     data_dir: Optional[str] = None
     out: Optional[str] = None
-    # the reference recipe (opt_spec §1)
-    epochs: int = 10
+    recipe: str = "default"
+    # decided by the recipe when None
+    epochs: Optional[int] = None
+    lr: Optional[float] = None
+    warmup_epochs: Optional[float] = None  # linear lr warm-up from lr/steps to lr over this many epochs
+    bn_momentum: Optional[float] = None    # PyTorch sense: running = (1 - m)·running + m·batch
+    init: Optional[str] = None             # opt_fast.nn init: default, reference or identity
+    orth_reg_weight: Optional[float] = None
+    orth_reg_penalty: Optional[str] = None  # "squared": ‖RRᵀ − I‖²_F, "norm": ‖RRᵀ − I‖_F (released)
+    reference_loss: Optional[bool] = None   # log(softmax + 1e-4), the released code's quirk
+    # shared by the recipes (the released values)
     batch_size: int = 128
-    lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_milestones: Tuple[float, ...] = (0.4, 2 / 3, 13 / 15)  # 30k/50k/65k of 75k iterations
     lr_gamma: float = 0.1
     label_smoothing: float = 0.01
-    reference_loss: bool = False   # log(softmax + 1e-4), the released code's quirk (§1.4)
     augment: Optional[bool] = None  # None: on for 32x32 data, off otherwise
     bn_eps: float = 1e-3
-    bn_momentum: float = 1e-3       # PyTorch sense: running = 0.999·running + 0.001·batch
     # method-specific
-    init: Optional[str] = None
     ogd_lr: float = 0.02
-    ogd_gamma: float = 0.2          # §2.5: CayleySGD lr ×0.2 at the milestones
-    ogd_weight_decay_scale: float = 0.1  # §2.5: L2 scaled by 0.1 in the OGD folder
-    orth_reg_weight: float = 0.1
+    ogd_gamma: float = 0.2          # CayleySGD lr ×0.2 at the milestones (released)
+    ogd_weight_decay_scale: float = 0.1  # the released ogd folder scales its L2 term by 0.1
     stochastic: Optional[float] = None
     sample: str = "coordinate"
     episode_epochs: int = 1
@@ -87,6 +100,12 @@ def validate(cfg: TrainConfig) -> None:
         fail(f"--epochs and --batch-size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})")
     if cfg.lr <= 0 or cfg.ogd_lr <= 0:
         fail("--lr and --ogd-lr must be > 0")
+    if cfg.warmup_epochs < 0 or cfg.orth_reg_weight < 0:
+        fail("--warmup-epochs and --orth-reg-weight must be >= 0")
+    if not 0 <= cfg.bn_momentum <= 1:
+        fail(f"--bn-momentum must be in [0, 1] (PyTorch sense: 1 - TF decay), got {cfg.bn_momentum}")
+    if cfg.orth_reg_penalty not in ORTH_REG_PENALTIES:
+        fail(f"--orth-reg-penalty must be one of {', '.join(ORTH_REG_PENALTIES)}, got {cfg.orth_reg_penalty!r}")
     if cfg.stochastic is not None:
         if not 0 < cfg.stochastic <= 1:
             fail(f"--stochastic must be a fraction in (0, 1], got {cfg.stochastic}")
@@ -126,44 +145,6 @@ def rng_state():
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-class _Dist:
-    def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.enabled = self.world > 1
-        self.own_group = False
-        if self.enabled:
-            import torch.distributed as dist
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-                self.own_group = True
-
-    def all_sum(self, values: List[float], device) -> List[float]:
-        if not self.enabled:
-            return values
-        import torch.distributed as dist
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def average_bn_stats(self, model: nn.Module):
-        """Average the BatchNorm running statistics over the ranks (each rank normalised its own shard),
-        so every replica evaluates and checkpoints the same model."""
-        if not self.enabled:
-            return
-        import torch.distributed as dist
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                for b in (m.running_mean, m.running_var):
-                    dist.all_reduce(b)
-                    b.div_(self.world)
-
-    def close(self):
-        if self.own_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
-
-
 def _progress(i, n, t0, loss, enabled):
     if not enabled:
         return
@@ -197,8 +178,14 @@ def build_model(cfg: TrainConfig, dataset: data_mod.Data) -> nn.Module:
     return model
 
 
+def _lr_factor(step: int, warmup: int, milestones: List[int], gamma: float) -> float:
+    """MultiStepLR's factor (gamma per milestone passed) times a linear warm-up over ``warmup`` steps."""
+    return min(1.0, (step + 1) / warmup if warmup > 0 else 1.0) * gamma ** bisect.bisect_right(milestones, step)
+
+
 def build_optimizers(cfg: TrainConfig, model: nn.Module, steps_total: int):
     milestones = sorted({max(1, round(f * steps_total)) for f in cfg.lr_milestones if 0 < f < 1})
+    warmup = round(cfg.warmup_epochs * steps_total / cfg.epochs)
     if cfg.method == "ogd":
         R = [p for n, p in model.named_parameters() if n.endswith(".R")]
         rest = [p for n, p in model.named_parameters() if not n.endswith(".R")]
@@ -209,11 +196,12 @@ def build_optimizers(cfg: TrainConfig, model: nn.Module, steps_total: int):
     else:
         opts = [torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)]
         gammas = [cfg.lr_gamma]
-    scheds = [torch.optim.lr_scheduler.MultiStepLR(o, milestones, gamma=g) for o, g in zip(opts, gammas)]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, functools.partial(_lr_factor, warmup=warmup, milestones=milestones,
+                                                                      gamma=g)) for o, g in zip(opts, gammas)]
     return opts, scheds
 
 
-def _batches(n: int, batch: int, epoch: int, dist: _Dist, seed: int):
+def _batches(n: int, batch: int, epoch: int, dist: Dist, seed: int):
     """Per-rank index batches of one epoch; the order depends only on (seed, epoch) (DistributedSampler
     semantics: generator seeded with seed + epoch); the last partial global batch is dropped (§1.5)."""
     sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=dist.world, rank=dist.rank,
@@ -228,12 +216,14 @@ def _batches(n: int, batch: int, epoch: int, dist: _Dist, seed: int):
 
 
 @torch.no_grad()
-def evaluate(model, x, y, device, batch=1000):
+def evaluate(model, x, y, device, batch=1000, batch_stats=False):
+    """Top-1 accuracy in eval mode (``batch_stats``: BatchNorm normalising by each batch of ``batch``)."""
     model.eval()
     correct = 0
-    for i in range(0, len(y), batch):
-        logits = model(data_mod.normalize(x[i:i + batch]).to(device))
-        correct += int((logits.argmax(1).cpu() == y[i:i + batch]).sum())
+    with diagnostics.batch_statistics(model) if batch_stats else contextlib.nullcontext():
+        for i in range(0, len(y), batch):
+            logits = model(data_mod.normalize(x[i:i + batch]).to(device))
+            correct += int((logits.argmax(1).cpu() == y[i:i + batch]).sum())
     model.train()
     return correct / max(1, len(y))
 
@@ -249,21 +239,23 @@ def _check_resume(cfg: TrainConfig, state) -> None:
 # ----------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, return_model: bool = False):
     """Train one model as configured; returns the metrics dict (and the model if return_model)."""
+    cfg = recipes.resolve(cfg)
     validate(cfg)
+    diagnostics.check_extras(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif cfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Small OPT models gain nothing from intra-op threads, and on a shared/loaded CPU spinning OpenMP
         # threads made a digits step 30x slower (3 s vs 0.09 s measured); --threads N overrides.
         torch.set_num_threads(1)
-    dist = _Dist(cfg.device)
+    dist = Dist(cfg.device)
     try:
         return _train(cfg, dist, return_model)
     finally:
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: _Dist, return_model: bool):
+def _train(cfg: TrainConfig, dist: Dist, return_model: bool):
     device = torch.device(cfg.device)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -324,10 +316,20 @@ def _train(cfg: TrainConfig, dist: _Dist, return_model: bool):
             if do_aug:
                 x = data_mod.augment(x, gen)
             x, y = data_mod.normalize(x).to(device), data.y_train[idx].to(device)
-            logits = net(x)
+            try:
+                logits = net(x)
+            except torch.linalg.LinAlgError as e:  # e.g. an SVD that does not converge
+                finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+                fail(f"the forward failed at epoch {epoch + 1} step {i + 1} (method {cfg.method}): "
+                     f"{str(e).splitlines()[0]} " + (
+                         "The parameters are finite: the op failed on them (please report it); another --seed, "
+                         "--lr or --init avoids that matrix" if finite else
+                         "Some parameters are no longer finite (training diverged): lower --lr or raise "
+                         "--warmup-epochs"))
             loss = loss_fn(logits, y)
             if cfg.method == "orth_reg":
-                loss = loss + opt_fast.orth_reg_loss(model, weight=cfg.orth_reg_weight)
+                loss = loss + opt_fast.orth_reg_loss(model, weight=cfg.orth_reg_weight,
+                                                     squared=cfg.orth_reg_penalty == "squared")
             for o in opts:
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -337,7 +339,8 @@ def _train(cfg: TrainConfig, dist: _Dist, return_model: bool):
                 s.step()
             lv = float(loss.detach())
             if not math.isfinite(lv):
-                fail(f"loss became {lv} at epoch {epoch + 1} step {i + 1} (method {cfg.method}); lower --lr")
+                fail(f"loss became {lv} at epoch {epoch + 1} step {i + 1} (method {cfg.method}); lower --lr or "
+                     f"raise --warmup-epochs")
             tot_loss += lv * len(y)
             tot_correct += float((logits.detach().argmax(1) == y).sum())
             tot_n += len(y)
@@ -364,12 +367,17 @@ def _train(cfg: TrainConfig, dist: _Dist, return_model: bool):
             save_checkpoint(epoch + 1)
 
     save_checkpoint(len(history))
+    warning = diagnostics.gap_warning(model, cfg, history, steps_per_epoch * len(history), evaluate, model,
+                                      data.x_test, data.y_test, device) if main else None
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     metrics = {"config": cfg.to_dict(), "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset,
                "world_size": dist.world, "epochs_done": len(history), "history": history,
                "energy0": energy0,
                "final_test_acc": history[-1]["test_acc"] if history else None,
                "best_test_acc": max(h["test_acc"] for h in history) if history else None,
-               "max_energy_drift": {n: max(h["energy_drift"][n] for h in history) for n in energy0} if history else {}}
+               "max_energy_drift": {n: max(h["energy_drift"][n] for h in history) for n in energy0} if history else {},
+               "orthogonality_error": diagnostics.orthogonality_error(model), "warnings": [warning] if warning else []}
     if main and out:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1)

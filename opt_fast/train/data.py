@@ -1,6 +1,6 @@
 """Datasets for opt_fast.train: scikit-learn digits (offline default), CIFAR-10/100 from the official
 python-format archive or folder, and synthetic tensors. Images are kept as uint8 [N, C, H, W] and mapped
-by (x - 127.5) / 128 per batch (opt_spec §1.1); augmentation (mirror "symmetric" pad 4 + random crop +
+by (x - 127.5) / 128 per batch (docs/training.md); augmentation (mirror "symmetric" pad 4 + random crop +
 left-right flip, §1.5) is done on whole batches with a generator seeded from (seed, epoch, rank)."""
 import os
 import pickle

@@ -1,5 +1,5 @@
 """Plain networks for opt_fast.train. No biases; BN(eps, momentum) after each conv; the final classifier
-is named ``score`` (an ordinary layer: excluded from OPT conversion, opt_spec §1.1)."""
+is named ``score`` (an ordinary layer: excluded from OPT conversion, docs/training.md)."""
 import math
 
 import torch
@@ -19,8 +19,8 @@ def _he_(w):
 
 
 class VGGish(nn.Module):
-    """opt_spec §1.1: stages of two 3x3 conv-BN-ReLU then 2x2 max-pool; fc6 = VALID conv over the
-    remaining map (no BN, no ReLU); score = 1x1 conv, He init, no bias."""
+    """The released CNN-6 (docs/training.md): stages of two 3x3 conv-BN-ReLU then 2x2 max-pool; fc6 = VALID
+    conv over the remaining map (no BN, no ReLU); score = 1x1 conv, He init, no bias."""
 
     def __init__(self, widths, fc, num_classes, in_ch, size, eps, momentum):
         super().__init__()

@@ -1,0 +1,38 @@
+"""Smoke tests of the report: a smoke-size headline of a few ops measures every cell (none "skipped"),
+writes the markdown, JSON, headline snippet and plot; bench/readme.py keeps the newest report per device and
+puts its headline into README's marked block."""
+import json
+import os
+
+from bench import headline, readme, report
+
+
+def test_report_headline_is_complete(tmp_path):
+    ops = ["gram_schmidt", "orthogonalize_approx", "cayley", "cayley_neumann"]
+    args = report.parse_args(["--size", "smoke", "--ops", *ops, "--headline-only", "--threads", "1",
+                              "--out", str(tmp_path)])
+    res = report.run(args)
+    paths = report.write(res, str(tmp_path))
+    assert res["headline_unmeasured"] == []
+    snippet = open(paths["headline"]).read()
+    assert "skipped" not in snippet
+    for row in headline.rows("smoke", ops):
+        assert f"| {row.op} | {row.label} |" in snippet
+    assert os.path.getsize(paths["speedup"]) > 0
+    assert json.load(open(paths["json"]))["peers"].keys() == set(report.peers.PACKAGES)
+
+
+def test_readme_keeps_newest_per_device(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for stem in ("cpu-x-2026-01-01_1000", "cpu-x-2026-01-02_0900", "gpu-y-2026-01-01_1200"):
+        for suffix in (".md", ".json", "-headline.md"):
+            (results / f"{stem}{suffix}").write_text(f"headline of {stem}\n")
+    readme_md = tmp_path / "README.md"
+    readme_md.write_text(f"intro\n{readme.START}\nold\n{readme.END}\nrest\n")
+    readme.main(["--results", str(results), "--readme", str(readme_md)])
+    left = sorted(os.listdir(results))
+    assert not any("2026-01-01_1000" in f for f in left) and len(left) == 6
+    text = readme_md.read_text()
+    assert "headline of cpu-x-2026-01-02_0900" in text and "headline of gpu-y-2026-01-01_1200" in text
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
