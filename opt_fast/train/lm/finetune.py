@@ -30,6 +30,12 @@ from .model import PROJECTIONS, build_llama, convert_projections
 TOKENIZER_FILE = "opt_fast_tokenizer.json"
 
 
+def _quiet():
+    """No tqdm bars from save_pretrained / from_pretrained in the run's log."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def build_pretrain(cfg, vocab_size: int) -> nn.Module:
     model = build_llama(cfg.model, vocab_size, cfg.seq_len, cfg.seed)
     if cfg.method != "none":
@@ -42,6 +48,7 @@ def load_base(path: str):
     """(plain LlamaForCausalLM, tokenizer json, the pretraining run's config dict or {}) from PATH."""
     require("transformers")
     from transformers import LlamaForCausalLM
+    _quiet()
     path = os.path.abspath(os.path.expanduser(path))
     folder = os.path.join(path, "model") if os.path.isdir(os.path.join(path, "model")) else path
     if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "config.json")):
@@ -103,8 +110,7 @@ def plain_model(model: nn.Module, method: str) -> nn.Module:
 def export(model: nn.Module, method: str, tokenizer, folder: str, sample: torch.Tensor) -> dict:
     """Merge, save_pretrained (safetensors) + tokenizer, reload; logits of ``sample`` before and after."""
     from transformers import LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
+    _quiet()
     was_training = model.training
     model.eval()
     logits_model = model(input_ids=sample).logits

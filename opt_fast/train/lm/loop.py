@@ -29,7 +29,8 @@ from torch import nn
 from opt_fast.nn import MergeSchedule, OPTBlockLinear
 
 from .. import checkpoint as ckpt
-from ..core import _Dist, rng_state, set_rng_state
+from ..core import rng_state, set_rng_state
+from ..distributed import Dist
 from . import data as data_mod
 from . import finetune as ft
 from . import optim as optim_mod
@@ -141,7 +142,7 @@ def train_lm(cfg: LMConfig, return_model: bool = False):
         torch.set_num_threads(1)  # as the CNN CLI: spinning OpenMP threads on a shared CPU cost more than they gain
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {cfg.device} requested but CUDA is not available; use --device cpu")
-    dist = _Dist(cfg.device)
+    dist = Dist(cfg.device)
     try:
         return _train(cfg, dist, return_model)
     finally:
