@@ -88,6 +88,10 @@ def parser():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    from .lm.cli import wants_lm
+    if wants_lm(argv):  # --dataset stdlib/text or --model llama-*: the language-model workflow
+        from .lm.cli import main as lm_main
+        return lm_main(argv)
     args = vars(parser().parse_args(argv))
     compare = args.pop("compare")
     try:

@@ -1,0 +1,70 @@
+"""Does FSDP2 (torch.distributed.fsdp.fully_shard) train an OPT-converted Llama on gloo (CPU)?
+
+    torchrun --nproc_per_node 2 scripts/lm_fsdp_probe.py [--per-layer] [--ungroup] [--method cayley_neumann]
+
+Builds llama-tiny (random tokens, no corpus needed), converts its projections (sides both, b = 32),
+shards it with fully_shard (the root only, or each decoder layer and the root), trains a few AdamW steps
+on the same global batch as one process would, and prints each step's loss next to the single-process
+loss computed by rank 0 on an unsharded copy, plus a merge_and_reset at the end.
+"""
+import argparse
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", default="cayley_neumann")
+    p.add_argument("--per-layer", action="store_true", help="fully_shard each decoder layer, then the root")
+    p.add_argument("--ungroup", action="store_true", help="remove the grouped block calls (one call per layer)")
+    p.add_argument("--steps", type=int, default=4)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from torch.distributed.fsdp import fully_shard
+
+    from opt_fast.nn import merge_and_reset, ungroup
+    from opt_fast.train.lm.model import build_llama, convert_projections
+    model = convert_projections(build_llama("llama-tiny", 512, 64, seed=0), a.method, 32, "both",
+                                keep_weights=True, seed=0)
+    if a.ungroup:
+        ungroup(model)
+    ref = copy.deepcopy(model)
+    if a.per_layer:
+        for layer in model.model.layers:
+            fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=5e-3)
+    ref_opt = torch.optim.AdamW([q for q in ref.parameters() if q.requires_grad], lr=5e-3)
+    g = torch.Generator().manual_seed(0)
+    for step in range(a.steps):
+        x = torch.randint(0, 512, (4, 65), generator=g)
+        mine = x[rank * 4 // world:(rank + 1) * 4 // world]
+        loss = F.cross_entropy(model(input_ids=mine[:, :-1]).logits.flatten(0, 1), mine[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        lv = loss.detach().clone()
+        dist.all_reduce(lv)
+        ref_loss = F.cross_entropy(ref(input_ids=x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten())
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        if rank == 0:
+            print(f"step {step}: FSDP2 loss {float(lv) / world:.6f}  one process {float(ref_loss):.6f}", flush=True)
+    try:
+        merge_and_reset(model, opt)
+        print(f"rank {rank}: merge_and_reset ok", flush=True)
+    except Exception as e:  # report, do not hide
+        print(f"rank {rank}: merge_and_reset failed: {type(e).__name__}: {str(e).splitlines()[0]}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
