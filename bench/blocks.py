@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from . import peers as PE
 from .timers import Budget, measure_interleaved
 
-# (in = out features, tokens, block size) per size; the target shapes are d = 2048, tokens 2048 at
-# b = 256 (one- and two-sided against nn.Linear and plain torch ops) and b = 32 (against PEFT's OFT)
+# (in = out features, tokens, block size) per size: d ∈ {1024, 2048} × b ∈ {32, 128, 256} at 2048 tokens;
+# the targets are read at d = 2048, b = 256 (one- and two-sided against nn.Linear and plain torch ops) and
+# b = 32 (against PEFT's OFT)
+SWEEP = [(d, 2048, b) for d in (2048, 1024) for b in (256, 32, 128)]
 SHAPES = {"smoke": [(64, 16, 8)],
-          "default": [(2048, 2048, 256), (2048, 2048, 32)],
-          "full": [(d, 2048, b) for d in (1024, 2048) for b in (32, 128, 256)] + [(4096, 4096, 256)]}
+          "default": SWEEP,
+          "full": SWEEP + [(4096, 4096, 256)]}
 BUDGET = {"smoke": Budget(case_s=0.0, min_rounds=1, max_rounds=1),
           "default": Budget(case_s=1.0, min_rounds=5, max_rounds=7, min_round_s=0.02, max_case_s=4.0),
           "full": Budget(case_s=2.0, min_rounds=10, max_rounds=30, min_round_s=0.02, max_case_s=8.0)}
