@@ -19,7 +19,8 @@ No kernel runs, so a launcher's outputs would hold garbage: the stub zero-fills 
 ``register_kernel`` names as outputs at every launch, which makes the launchers' data-dependent control
 flow (convergence loops, warm-start certificates) deterministic (see aot_cases.py).
 
-The cases live in aot_cases.py (the one place a new kernel registers its calls). Entry point:
+The cases live in aot_cases.py (the one place a new kernel registers its calls; the registry itself is
+aot_registry.py). Entry point:
 ``python -m opt_fast.triton_kernels.aot`` (scripts/check_gpu_compile.sh). Not under TRITON_INTERPRET=1.
 """
 import argparse
@@ -38,6 +39,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from . import INTERPRET
+from . import aot_cases  # noqa: F401  (fills the registry: the cases and the kernels' outputs)
+from .aot_registry import _OUTPUTS, CASES, Case
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,37 +59,6 @@ class Target:
 
 TARGETS = {80: Target(80, "A100", 166_912, 108), 90: Target(90, "H100", 232_448, 132)}
 MAX_GRID = (2 ** 31 - 1, 65535, 65535)
-
-
-# ---- the registry (filled by aot_cases.py) ----------------------------------------------------------------
-
-@dataclasses.dataclass
-class Case:
-    name: str
-    fn: Callable[[int, torch.dtype], None]   # fn(size, dtype): call the launchers on CPU tensors
-    sizes: Tuple[int, ...]
-    dtypes: Tuple[torch.dtype, ...]
-
-
-CASES: List[Case] = []
-_OUTPUTS: Dict[str, Tuple[str, ...]] = {}
-
-
-def case(name: str, *, sizes: Sequence[int], dtypes: Sequence[torch.dtype]):
-    """Register ``fn(size, dtype)`` as a compile case, called once per size × dtype × target."""
-    def deco(fn):
-        CASES.append(Case(name, fn, tuple(sizes), tuple(dtypes)))
-        return fn
-    return deco
-
-
-def register_kernel(jit_fn, *outputs: str) -> None:
-    """Name the arguments a @triton.jit kernel writes: the stub zero-fills them at every launch. The kernel's
-    name must contain "opt_fast": scripts/gpu_run.sh instruments only such kernels under compute-sanitizer."""
-    name = jit_fn.fn.__name__
-    if "opt_fast" not in name:
-        raise ValueError(f"Triton kernel {name!r}: name it with 'opt_fast' in it (the sanitizer's kernel filter)")
-    _OUTPUTS[name] = outputs
 
 
 # ---- the stub driver --------------------------------------------------------------------------------------
@@ -237,7 +209,6 @@ def stub_gpu(target: Target) -> Iterator[_Recorder]:
 
 def compile_target(arch: int, cases: Optional[Sequence[Case]] = None) -> Tuple[List[Compiled], List[str]]:
     """Run the cases (every size × dtype) for one target: the compiled kernels and the failures."""
-    from . import aot_cases  # noqa: F401  (registers the cases and kernels)
     target = TARGETS[arch]
     with stub_gpu(target) as rec:
         for c in (CASES if cases is None else cases):
@@ -282,6 +253,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 1 if failures or not lines else 0
 
 
-if __name__ == "__main__":   # run the package's module, whose registry aot_cases fills (not __main__'s)
-    from opt_fast.triton_kernels import aot
-    sys.exit(aot.main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,7 @@ from . import cayley_neumann as CN
 from . import cayley_neumann_resident as CNR
 from . import lowdin as L
 from . import matmul as MM
-from .aot import case, register_kernel
+from .aot_registry import case, register_kernel
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 D_RANGE = (1, 27, 32, 100, 1024)
