@@ -178,6 +178,8 @@ def test_r0_certified_reuse(T, dev):
     bad = R0.clone()
     bad[0, 0, 0] = float("nan")                      # non-finite R0: cold start
     torch.testing.assert_close(T.lowdin(P, 0, bad), polar64(P), rtol=0, atol=1e-13)
+    # -R0 is orthogonal and -R0ᵀP symmetric (negative definite): not the polar factor, a cold start
+    torch.testing.assert_close(T.lowdin(P, 0, -R0), polar64(P), rtol=0, atol=1e-13)
 
 
 # ---- backward --------------------------------------------------------------------------------------------

@@ -55,8 +55,9 @@ def _precisions(dtype):
 
 
 # With zero-filled outputs the Gram matrices come back 0: the cold start measures ||0 - I|| (not
-# converged), takes one measured step (whose Gram, 0 again, reads as converged); the warm start's
-# certificate (||skew(R0ᵀP)|| = 0, ||R0ᵀR0 - I|| = 0) accepts R0. Every kernel of each path is launched.
+# converged), takes one measured step (whose Gram, 0 again, reads as converged); the warm start launches
+# its certificate's products (skew(R0ᵀP) = 0 passes, sym(R0ᵀP) = 0 is not positive definite) and falls
+# back to the cold start. Every kernel of each path is launched.
 
 @case("lowdin", sizes=D_RANGE, dtypes=(F32, F64))
 def _lowdin(d, dtype):

@@ -123,8 +123,9 @@ def _cold_start(P: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def _warm_start(P: Tensor, R0: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
-    """The reference's certified reuse: R0 if ||skew(R0ᵀP)||_F <= 10 eps ||P||_F and R0 is orthogonal
-    to 1e-3, else None (cold start)."""
+    """The reference's certified reuse: R0 if ||skew(R0ᵀP)||_F <= 10 eps ||P||_F, sym(R0ᵀP) is positive
+    definite (a symmetric R0ᵀP alone also holds for R0 = -R) and R0 is orthogonal to 1e-3, else None (cold
+    start)."""
     if not bool(torch.isfinite(R0).all()):
         return None
     K = torch.empty_like(P)
@@ -132,6 +133,9 @@ def _warm_start(P: Tensor, R0: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]
     skew = torch.linalg.matrix_norm(K) / 2
     bound = _ref._WARM_RESIDUAL * torch.finfo(P.dtype).eps * torch.linalg.matrix_norm(P)
     if not bool((skew <= bound).all()):
+        return None
+    mm(K, [(R0.mT, P, 1.0), (P.mT, R0, 1.0)], sym=1)    # 2 sym(R0ᵀP)
+    if not bool((torch.linalg.cholesky_ex(K).info == 0).all()):
         return None
     A = torch.empty_like(P)
     err2 = _gram(A, R0)
