@@ -148,6 +148,8 @@ def _warm_start(P: Tensor, R0: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]
 def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
     """``opt_fast::lowdin`` on CUDA (or under TRITON_INTERPRET=1): the reference's semantics exactly."""
     _checks.lowdin(P, iters, R0)
+    if P.shape[-2] != P.shape[-1]:   # tall m × n: the reference (its SVD through ATen); the kernels are square
+        return _ref.lowdin_ref(P, iters, R0)
     shape = P.shape
     d = shape[-1]
     if P.numel() == 0:
@@ -183,6 +185,8 @@ def lowdin_backward(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
     """``opt_fast::lowdin_backward``: dP = R Y, H Y + Y H = RᵀG - GᵀR, H = sym(RᵀP), by the sign iteration
     of [[H, C], [0, -H]] on the forward's schedule (module docstring)."""
     _checks.grad_like("lowdin_backward", grad, R.shape)
+    if P.shape[-2] != P.shape[-1]:   # tall P: the reference's formula (the kernels are square)
+        return _ref.lowdin_backward_ref(grad, P, R)
     if grad.numel() == 0:
         return torch.zeros_like(P)
     shape = P.shape
