@@ -283,6 +283,9 @@ def test_block_apply_noncontiguous(BA, dev):
     check_block_apply(BA, Rn, Xn, p, G)
     Xs = torch.randn(4, 34, dtype=F64, device=dev)[:, ::2]   # strided last dim
     check_block_apply(BA, R, Xs, p)
+    ps = torch.stack([p, p.flip(0)], 1)[:, 0]                 # perm with stride 2
+    assert not ps.is_contiguous()
+    check_block_apply(BA, R, Xs, ps)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -168,6 +168,12 @@ def _splits(rows: int, programs: int, br: int) -> int:
 
 # ---- launchers -----------------------------------------------------------------------------------------
 
+def _perm_or(perm: Optional[Tensor], X2: Tensor) -> Tensor:
+    """The perm pointer argument: perm with unit stride (the kernels index it as PERM + i), or any tensor
+    when there is none (HAS_PERM is then False and it is never read)."""
+    return X2 if perm is None else perm.contiguous()
+
+
 def _rows(X: Tensor) -> Tensor:
     return X.reshape(-1, X.shape[-1])
 
@@ -185,7 +191,7 @@ def _apply(X: Tensor, Rv: Tensor, perm: Optional[Tensor], nb: int, b: int) -> Te
     chunks = triton.cdiv(b, bo) if nb else 0
     per_row = nb * chunks + triton.cdiv(n - nb * b, bo)
     grid = (triton.cdiv(rows, br) * per_row,)
-    opt_fast_block_apply_kernel[grid](X2, *X2.stride(), Y, Rv, *Rv.stride(), perm if perm is not None else X2, rows, n, nb, b,
+    opt_fast_block_apply_kernel[grid](X2, *X2.stride(), Y, Rv, *Rv.stride(), _perm_or(perm, X2), rows, n, nb, b,
                         chunks, per_row, **launch.constexprs, **launch.options())
     return Y
 
@@ -208,7 +214,7 @@ def _grad_r(G2: Tensor, X2: Tensor, R: Tensor, perm: Optional[Tensor]) -> Tensor
     splits = triton.cdiv(rows, per_split)
     out = torch.empty((splits, nb, b, b), dtype=R.dtype, device=R.device)
     opt_fast_block_grad_r_kernel[(tiles * tiles * nb * splits,)](
-        G2, *G2.stride(), X2, *X2.stride(), out, perm if perm is not None else X2, rows, n, nb, b, tiles, per_split,
+        G2, *G2.stride(), X2, *X2.stride(), out, _perm_or(perm, X2), rows, n, nb, b, tiles, per_split,
         **launch.constexprs, **launch.options())
     return out[0] if splits == 1 else out.sum(0)
 
