@@ -6,7 +6,7 @@
 #              (the copy on the device machine may have no .git)
 #   build      the extension with OPT_FAST_FORCE_CUDA=1 (a build without the CUDA kernels fails here)
 #   cuda       tests/test_cuda_kernels.py (the CUDA C++ kernels against the float64 references)
-#   triton     tests/test_triton_lowdin.py on CUDA (TRITON_INTERPRET unset)
+#   triton     tests/test_triton_lowdin.py and tests/test_triton_blocks.py on CUDA (TRITON_INTERPRET unset)
 #   probes     scripts/gpu_probes.py: batch > 65535, float64 lowdin backward at d = 64, the Householder path
 #              boundaries, tf32x3 vs ieee at d = 1024, converge vs fixed steps, no host syncs, bf16 approx,
 #              the Triton kernels' registers and spills as the driver reports them
@@ -84,7 +84,7 @@ gpu() {
 
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rs)
 COLLECT="$PY -m pytest -q -p no:cacheprovider --collect-only"
-SMOKE=(tests/test_cuda_kernels.py tests/test_triton_lowdin.py -k smoke)
+SMOKE=(tests/test_cuda_kernels.py tests/test_triton_lowdin.py tests/test_triton_blocks.py -k smoke)
 
 # ---- env ----------------------------------------------------------------------------------------------
 env_report() {
@@ -125,8 +125,9 @@ gpu backends build.log 30 - -- env OPT_FAST_REQUIRE_EXT=1 "$PY" -c "import opt_f
 # ---- tests --------------------------------------------------------------------------------------------
 gpu cuda tests.log 100 "$COLLECT tests/test_cuda_kernels.py" -- \
   env OPT_FAST_REQUIRE_EXT=1 "${PYTEST[@]}" tests/test_cuda_kernels.py
-gpu triton tests.log 120 "env -u TRITON_INTERPRET $COLLECT tests/test_triton_lowdin.py" -- \
-  env -u TRITON_INTERPRET "${PYTEST[@]}" tests/test_triton_lowdin.py
+TRITON_TESTS=(tests/test_triton_lowdin.py tests/test_triton_blocks.py)
+gpu triton tests.log 150 "env -u TRITON_INTERPRET $COLLECT ${TRITON_TESTS[*]}" -- \
+  env -u TRITON_INTERPRET "${PYTEST[@]}" "${TRITON_TESTS[@]}"
 
 # ---- probes -------------------------------------------------------------------------------------------
 gpu probes probes.log 100 "$PY scripts/gpu_probes.py --dry-run" -- "$PY" scripts/gpu_probes.py
@@ -136,8 +137,9 @@ gpu probes probes.log 100 "$PY scripts/gpu_probes.py --dry-run" -- "$PY" scripts
 # uncached allocations so that memcheck sees the exact ends of buffers
 sanitize() {
   local tool=$1 filter
+  # SMOKE's list again: this runs in a child bash (bash -c), which does not inherit arrays
   local pytest=("$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_kernels.py tests/test_triton_lowdin.py
-                -k smoke)
+                tests/test_triton_blocks.py -k smoke)
   if ! command -v compute-sanitizer >/dev/null 2>&1; then echo "skipped: compute-sanitizer not installed"; return 0; fi
   if compute-sanitizer --help 2>&1 | grep -q -- "--kernel-name"; then filter=(--kernel-name kns=opt_fast)
   else filter=(--filter kns=opt_fast); fi
@@ -162,7 +164,8 @@ done
 # ---- the other gpu-marked tests -----------------------------------------------------------------------
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "${PYTEST_WORKERS:-8}")
-REST=(tests -m gpu --ignore=tests/test_cuda_kernels.py --ignore=tests/test_triton_lowdin.py)
+REST=(tests -m gpu --ignore=tests/test_cuda_kernels.py --ignore=tests/test_triton_lowdin.py
+      --ignore=tests/test_triton_blocks.py)
 gpu gpu_rest tests.log 60 "$COLLECT ${REST[*]}" -- \
   env OPT_FAST_REQUIRE_EXT=1 "${PYTEST[@]}" ${xdist[@]+"${xdist[@]}"} "${REST[@]}"
 

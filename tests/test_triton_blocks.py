@@ -344,6 +344,29 @@ def _cuda():
 
 
 @pytest.mark.gpu
+def test_gpu_smoke_block_kernels():
+    """Every block kernel once at a small size (what scripts/gpu_run.sh runs under compute-sanitizer):
+    the resident and tiled cayley_neumann paths forward and backward, block_apply with a permutation, an
+    identity remainder and half activations."""
+    ops = _cuda()
+    for b in (27, 200):   # resident, tiled
+        S = skew_input(b, (2,), dev="cpu", scale=1.0)
+        R, P = ops.cayley_neumann_powers(S.cuda(), 6)
+        close(R, cayley_neumann_ref(S, 6), cayley_neumann_ref(S.float(), 6), tol64=1e-11)
+        G = torch.randn_like(S)
+        close(ops.cayley_neumann_powers_backward(G.cuda(), S.cuda(), P, 6), cayley_neumann_backward_ref(G, S, 6),
+              cayley_neumann_backward_ref(G.float(), S.float(), 6), tol64=1e-11)
+    R, X, p = block_inputs(3, 27, 100, (5,), F32)
+    G = torch.randn_like(X)
+    Rd, Xd, pd = R.cuda(), X.cuda(), p.cuda()
+    ref = block_apply_ref(R.double(), X.double(), p)
+    close(ops.block_apply(Rd, Xd, pd), ref, block_apply_ref(R, X, p))
+    gR, gX = ops.block_apply_backward(G.cuda(), Rd, Xd, pd)
+    assert torch.isfinite(gR).all() and torch.isfinite(gX).all()
+    assert ops.block_apply(Rd, Xd.to(torch.bfloat16), pd).dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("b", [1, 27, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [F32, F64])
 def test_gpu_cayley_neumann_ops(b, dtype):
