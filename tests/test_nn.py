@@ -1,4 +1,5 @@
-"""OPT layers, grouping, convert/merge, stochastic OPT (opt_fast.nn)."""
+"""OPT layers, grouping, convert/merge, stochastic OPT (opt_fast.nn). Over 400 lines: the dense layers' shared
+fixtures and the convert/merge round trips of every method live together."""
 import warnings
 
 import pytest

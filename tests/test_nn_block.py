@@ -1,5 +1,6 @@
 """Block-orthogonal layers (OPTBlockLinear, convert(block_size=...), merge_and_reset, MergeSchedule, merge,
-grouping, recompute, bfloat16): function, spectrum, merges, state_dict, torch.compile."""
+grouping, recompute, bfloat16): function, spectrum, merges, state_dict, torch.compile. Just over 400 lines:
+one layer class and its helpers, kept in one file."""
 import copy
 import warnings
 

@@ -7,6 +7,7 @@ numpy (the resident cayley_neumann kernels' rank-1 loops make b = 33 take second
 (RESIDENT_MAX, PROGRAMS, matmul.BLOCK_OVERRIDE, block_apply.BLOCK_OVERRIDE / SPLIT_OVERRIDE) put the tiled
 path, the program loop, chunked R tiles and several row splits within reach of those small shapes.
 ``gpu`` tests check the ops as registered on CUDA (torch.ops.opt_fast, opcheck, gradcheck) at real sizes.
+Over 400 lines: both block ops' launchers share the fixtures, helpers and knobs above.
 """
 import pytest
 import torch
