@@ -128,6 +128,17 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, cache):
     assert "different W0" not in r.stderr
 
 
+# ---- FSDP2: each decoder layer and the root sharded, 2 gloo processes = 1 process, across a merge ----------------
+def test_fsdp2_per_layer_with_merge_matches_one_process(tmp_path):
+    probe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "lm_fsdp_probe.py")
+    r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                        "--master_port", str(_free_port()), probe, "--per-layer", "--steps", "4"],
+                       capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "max relative difference" in r.stdout
+
+
 # ---- fine-tuning: OFT-style block layers, full, PEFT LoRA / OFT; merge + save + reload -----------------------------
 def test_finetune_variants_merge_save_reload(tmp_path, cache):
     pytest.importorskip("peft")

@@ -37,6 +37,21 @@ from .block_methods import BlockMap, get_block_method
 SIDES = ("in", "out", "both")
 _HALF = (torch.float16, torch.bfloat16)
 
+try:  # FSDP2 shards parameters as DTensors (torch.distributed may be missing from a build)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = distribute_tensor = None
+
+
+def is_sharded(t) -> bool:
+    """A DTensor parameter: FSDP2's shard of it, outside the forward of its unit."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _full(P: Tensor) -> Tensor:
+    """The whole parameter: a DTensor is gathered (a collective: every rank must make the same call)."""
+    return P.full_tensor() if is_sharded(P) else P
+
 
 def _uses(sides: str, side: str) -> bool:
     return sides == "both" or sides == side
@@ -110,11 +125,12 @@ class OPTBlockLinear(nn.Module):
 
     # ---- the rotations ------------------------------------------------------------------------------------
     def block_rotation(self, side: str) -> Tensor:
-        """R_side's blocks [nb, b, b] (from the group's one call during a grouped forward)."""
+        """R_side's blocks [nb, b, b] (from the group's one call during a grouped forward). Outside a
+        forward under FSDP2 the parameter is a shard, gathered first (every rank must call this)."""
         slot = self._opt_block_slots.get(side)
-        if slot is not None and slot[0].active:
+        if slot is not None and slot[0].usable():
             return slot[0].result(slot[1])
-        return self.method.rotation(getattr(self, f"{side}_blocks"), self.side_block(side), self.terms)
+        return self.method.rotation(_full(getattr(self, f"{side}_blocks")), self.side_block(side), self.terms)
 
     def _rotations(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         return tuple(self.block_rotation(s) if _uses(self.sides, s) else None for s in ("in", "out"))
@@ -171,7 +187,9 @@ class OPTBlockLinear(nn.Module):
         for side in self.sides_used():
             P = getattr(self, f"{side}_blocks")
             b = self.side_block(side)
-            P.copy_(self.method.identity(P.shape[0], b, dtype=P.dtype, device=P.device, generator=self._generator(side)))
+            eye = self.method.identity(P.shape[0], b, dtype=P.dtype, device=P.device, generator=self._generator(side))
+            # an FSDP2 shard takes its part of the (identical on every rank) reset value
+            P.copy_(distribute_tensor(eye, P.device_mesh, P.placements) if is_sharded(P) else eye)
             if optimizer is not None:
                 optimizer.state.pop(P, None)
             if self.permute:

@@ -22,7 +22,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .block import OPTBlockLinear
+from .block import OPTBlockLinear, is_sharded
 from .layers import OPTLayer
 
 
@@ -87,7 +87,18 @@ class BlockGroup:
         self.method, self.b = layer.method, layer.side_block(side)
         self.active = False
         self._cache = None
+        self._usable = None
         self.grouping = None
+
+    def usable(self) -> bool:
+        """In a forward session, with every member's parameters whole. Under FSDP2 sharding per submodule,
+        only the running unit's parameters are gathered (the others are DTensor shards): the layers then
+        compute their own blocks, one call each. Decided once per session."""
+        if not self.active:
+            return False
+        if self._usable is None:
+            self._usable = not any(is_sharded(getattr(layer, f"{side}_blocks")) for layer, side in self.slots)
+        return self._usable
 
     def result(self, index: int) -> Tensor:
         if self._cache is None:
@@ -132,11 +143,11 @@ class Grouping:
 
     def _open(self, module, args):
         for group in self.groups.values():
-            group.active, group._cache = True, None
+            group.active, group._cache, group._usable = True, None, None
 
     def _close(self, module, args, output):
         for group in self.groups.values():
-            group.active, group._cache = False, None
+            group.active, group._cache, group._usable = False, None, None
 
     def remove(self):
         """Detach the hooks and the layers (found by identity, so this also works on a deepcopy)."""
