@@ -22,13 +22,13 @@ import hashlib
 import json
 import os
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_write
 from . import require
 
 SPLITS = ("train", "validation", "finetune_train", "finetune_validation")
@@ -205,19 +205,6 @@ def _doc_sig(docs: List[Doc]):
     return [(d.key, d.size, d.mtime_ns) for d in docs]
 
 
-def _atomic_write(path: str, write) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _train_tokenizer(kind: str, vocab: int, train_docs: List[Doc], cache: str):
     if kind == "bytes":
         return ByteTokenizer()
@@ -236,7 +223,7 @@ def _train_tokenizer(kind: str, vocab: int, train_docs: List[Doc], cache: str):
         sample.append(read_doc(d))
         size += len(sample[-1])
     tok = BPETokenizer.train(sample, vocab)
-    _atomic_write(path, lambda f: f.write(tok.to_json().encode()))
+    atomic_write(path, lambda f: f.write(tok.to_json().encode()))
     return tok
 
 
@@ -280,7 +267,7 @@ def prepare(corpus: str, tokenizer: str = "bpe", vocab_size: int = 4096, corpus_
             tokens[s] = np.load(path)
             continue
         tokens[s] = _encode_split(tok, by_split[s])
-        _atomic_write(path, lambda f: np.save(f, tokens[s]))
+        atomic_write(path, lambda f: np.save(f, tokens[s]))
     return Corpus(tok, tokens, {s: len(v) for s, v in by_split.items()}, corpus)
 
 
