@@ -32,6 +32,13 @@ inline void check_reflectors(const char* op, const at::Tensor& V) {
               ": expected V [..., d, k] with k <= d reflectors, got shape ", V.sizes());
 }
 
+// householder_orthogonal's output shape for V [..., d, k]: [..., d, d].
+inline std::vector<int64_t> orthogonal_shape(const at::Tensor& V) {
+  auto shape = V.sizes().vec();
+  shape.back() = V.size(-2);
+  return shape;
+}
+
 inline void check_apply(const char* op, const at::Tensor& V, const at::Tensor& X) {
   check_float_matrix(op, "V", V);
   check_float_matrix(op, "X", X);

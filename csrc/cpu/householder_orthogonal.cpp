@@ -27,8 +27,7 @@ Tensor householder_orthogonal_cpu(const Tensor& V) {
   check_reflectors("householder_orthogonal", V);
   const int64_t d = V.size(-2), k = V.size(-1), B = batch_numel(V, 2);
   const int64_t nb = panel_for(B);
-  auto out_shape = V.sizes().vec();
-  out_shape.back() = d;
+  const auto out_shape = orthogonal_shape(V);
   Tensor Q;
   if (k > 0 && B > 0 && small::use_for_dense(d, d, B)) {
     Q = at::empty({B, d, d}, V.options());
@@ -52,8 +51,7 @@ Tensor householder_orthogonal_backward_cpu(const Tensor& grad, const Tensor& V) 
   const char* op = "householder_orthogonal_backward";
   check_reflectors(op, V);
   const int64_t d = V.size(-2), k = V.size(-1), B = batch_numel(V, 2);
-  auto out_shape = V.sizes().vec();
-  out_shape.back() = d;
+  const auto out_shape = orthogonal_shape(V);
   check_grad(op, grad, V, out_shape);
   const int64_t nb = panel_for(B);
   if (k == 0 || B == 0 || d == 0) return at::zeros(V.sizes(), V.options());

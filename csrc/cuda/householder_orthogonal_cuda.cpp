@@ -12,8 +12,7 @@ Tensor householder_orthogonal_cuda(const Tensor& V) {
   check_reflectors("householder_orthogonal", V);
   CudaScope scope(V);
   const int64_t d = V.size(-2), kk = V.size(-1), B = batch_numel(V, 2);
-  auto out_shape = V.sizes().vec();
-  out_shape.back() = d;
+  const auto out_shape = orthogonal_shape(V);
   if (kk == 0 || B == 0 || d == 0) return at::eye(d, V.options()).expand({B, d, d}).contiguous().view(out_shape);
   const auto V3 = V.reshape({B, d, kk});
   if (use_small(d, d, V)) return small_forward(k::SmallMode::kDense, V3, Tensor(), Tensor(), d, kk, scope.stream).view(out_shape);
@@ -30,8 +29,7 @@ Tensor householder_orthogonal_backward_cuda(const Tensor& grad, const Tensor& V)
   const char* op = "householder_orthogonal_backward";
   check_reflectors(op, V);
   const int64_t d = V.size(-2), kk = V.size(-1), B = batch_numel(V, 2);
-  auto out_shape = V.sizes().vec();
-  out_shape.back() = d;
+  const auto out_shape = orthogonal_shape(V);
   check_grad(op, grad, V, out_shape);
   CudaScope scope(V);
   if (kk == 0 || B == 0 || d == 0) return at::zeros(V.sizes(), V.options());
