@@ -69,6 +69,41 @@ def skew_from_packed(U: Tensor, b: int) -> Tensor:
     return S - S.mT
 
 
+def _lower_flat_index(b: int, device) -> Tensor:
+    """Flat indices (col·b + row) of the transposed positions of triu_flat_index's entries."""
+    key = (-b, str(device))
+    if key not in _TRIU_CACHE:
+        rows, cols = torch.triu_indices(b, b, 1)
+        _TRIU_CACHE[key] = (cols * b + rows).to(device)
+    return _TRIU_CACHE[key]
+
+
+class _PackedNeumann(torch.autograd.Function):
+    """U [nb, b(b−1)/2] -> R = cayley_neumann(S, terms), S = U − Uᵀ, keeping only U for backward.
+
+    Through plain autograd the map would hold S, the powers of S and (by block_apply) R: three or four
+    b × b stacks per side, 12.5% of a 2048-token activation each at b = 256. Here the backward rebuilds S
+    and the powers (two more block products at terms >= 2), so a layer's saved memory is its activations
+    and R."""
+
+    @staticmethod
+    def forward(U, b, terms):
+        return _ops.cayley_neumann(skew_from_packed(U, b), terms)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        U, ctx.b, ctx.terms = inputs
+        ctx.save_for_backward(U)
+
+    @staticmethod
+    def backward(ctx, grad_R):
+        U, = ctx.saved_tensors
+        grad_S = _ops.cayley_neumann_backward(grad_R, skew_from_packed(U, ctx.b), ctx.terms)
+        flat = grad_S.reshape(grad_S.shape[0], -1)   # S = F − Fᵀ, U the upper entries of F
+        return (flat.index_select(1, triu_flat_index(ctx.b, U.device))
+                - flat.index_select(1, _lower_flat_index(ctx.b, U.device))), None, None
+
+
 class PackedSkew(BlockMap):
     def __init__(self, name: str, neumann: bool):
         self.name, self.neumann = name, neumann
@@ -80,8 +115,9 @@ class PackedSkew(BlockMap):
         return torch.zeros(self.shape(nb, b), dtype=dtype, device=device)
 
     def rotation(self, P, b, terms):
-        S = skew_from_packed(_compute(P), b)
-        return functional.cayley_neumann(S, terms) if self.neumann else _ops.cayley(S)
+        if self.neumann:
+            return _PackedNeumann.apply(_compute(P), b, terms)
+        return _ops.cayley(skew_from_packed(_compute(P), b))
 
 
 class DenseBlocks(BlockMap):
