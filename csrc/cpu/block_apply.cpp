@@ -113,6 +113,25 @@ Tensor block_view(const Tensor& buf, int64_t rows, int64_t n, int64_t nb, int64_
   return buf.as_strided({nb, rows, b}, {b, n, 1});
 }
 
+// Without a permutation (and with X in R's dtype) the blocks are strided views of X itself: one batched
+// GEMM over all rows and one copy into Y's layout beat the chunked gather/scatter by 1.5-2.4x (measured,
+// n = 2048, 2048 rows, b = 32 and 256: the chunk GEMMs have only 64-256 rows).
+bool whole_bmm(const Tensor& R, const Tensor& X, const std::optional<Tensor>& perm) {
+  return !perm.has_value() && X.scalar_type() == R.scalar_type();
+}
+
+// X2 [rows, n] -> its first nb·b columns as nb matrices [rows, b] (a view).
+Tensor blocks_of(const Tensor& X2, int64_t nb, int64_t b) {
+  return X2.narrow(1, 0, nb * b).unflatten(1, {nb, b}).transpose(0, 1);
+}
+
+// Y2 [rows, n] = the block products `out` [nb, rows, b] and X2's remainder columns.
+void store_blocks(Tensor& Y2, const Tensor& out, const Tensor& X2, int64_t nb, int64_t b) {
+  const int64_t covered = nb * b, n = X2.size(1);
+  blocks_of(Y2, nb, b).copy_(out);
+  if (covered < n) Y2.narrow(1, covered, n - covered).copy_(X2.narrow(1, covered, n - covered));
+}
+
 Tensor block_apply_cpu(const Tensor& R, const Tensor& X, const std::optional<Tensor>& perm) {
   check_inputs(R, X, perm);
   const int64_t n = X.size(-1), nb = R.size(0), b = R.size(1);
@@ -120,8 +139,13 @@ Tensor block_apply_cpu(const Tensor& R, const Tensor& X, const std::optional<Ten
   if (X.numel() == 0) return Y;
   const int64_t rows_total = X.numel() / n;
   const auto X2 = X.reshape({rows_total, n});
-  const auto idx = index_vector(perm, n);
   const auto Rt = R.mT();  // row form: y_j = x_j R_jᵀ
+  if (whole_bmm(R, X, perm)) {
+    auto Y2 = Y.view({rows_total, n});
+    store_blocks(Y2, at::bmm(blocks_of(X2, nb, b), Rt), X2, nb, b);
+    return Y;
+  }
+  const auto idx = index_vector(perm, n);
   const int64_t rs = X2.stride(0), cs = X2.stride(1), chunk = chunk_rows(n);
   const int64_t nchunks = (rows_total + chunk - 1) / chunk;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "block_apply", [&] {
@@ -159,8 +183,15 @@ std::tuple<Tensor, Tensor> block_apply_backward_cpu(const Tensor& grad, const Te
   if (X.numel() == 0) return {grad_R, grad_X};
   const int64_t rows_total = X.numel() / n;
   const auto X2 = X.reshape({rows_total, n}), G2 = grad.reshape({rows_total, n});
-  const auto idx = index_vector(perm, n);
   const auto Rc = R.contiguous();  // row form: dx_j = g_j R_j
+  if (whole_bmm(R, X, perm)) {
+    const auto Gb = blocks_of(G2, nb, b);
+    auto gX2 = grad_X.view({rows_total, n});
+    store_blocks(gX2, at::bmm(Gb, Rc), G2, nb, b);
+    at::bmm_out(grad_R, Gb.mT(), blocks_of(X2, nb, b));
+    return {grad_R, grad_X};
+  }
+  const auto idx = index_vector(perm, n);
   const int64_t chunk = chunk_rows(n), nchunks = (rows_total + chunk - 1) / chunk;
   std::mutex acc_mutex;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, X.scalar_type(), "block_apply_backward", [&] {
