@@ -23,6 +23,10 @@
 
 #include <vector>
 
+#if defined(__SSE__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
 namespace opt_fast {
 namespace {
 
@@ -44,22 +48,63 @@ void check_blocks(const char* op, const Tensor& S) {
 bool is_half(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
 // out = α (M + s Mᵀ) for every matrix of a contiguous [B, b, b] tensor (s = +1 symmetric part, −1 skew
-// part), in place when out is M. A per-matrix loop over the pairs (i, j): TensorIterator's M − M.mT()
-// walks one operand across rows and cost 10x a plain subtraction at b = 32 (measured), as much as the bmm.
+// part), in place when out is M. TensorIterator's M − M.mT() walks one operand down the columns and cost
+// 4-10x a plain subtraction (measured, b = 32 and 256), as much as a block product at b = 32; so does a
+// scalar loop over the pairs (i, j) (~1.5-3.5 ns per element here). float32 takes pairs of 4 × 4 tiles
+// instead, transposed in SSE registers (every load and store a row segment); the rest is that scalar loop.
+template <typename T>
+void pair_scalar(T* y, const T* x, int64_t b, int64_t j_from, T alpha, T s) {
+  for (int64_t j = j_from; j < b; ++j)          // the pairs (i, j), i <= j, of the columns j >= j_from
+    for (int64_t i = 0; i <= j; ++i) {
+      const T xij = x[i * b + j], xji = x[j * b + i];
+      y[i * b + j] = alpha * (xij + s * xji);
+      y[j * b + i] = alpha * (xji + s * xij);
+    }
+}
+
+template <typename T>
+int64_t pair_tiles(T*, const T*, int64_t, T, T) { return 0; }   // no vector path: all pairs scalar
+
+#if defined(__SSE__) || defined(_M_X64)
+// The pairs (i, j) with j < 4⌊b/4⌋; returns where the scalar loop takes over.
+template <>
+int64_t pair_tiles<float>(float* y, const float* x, int64_t b, float alpha, float s) {
+  const int64_t b4 = b / 4 * 4;
+  const __m128 va = _mm_set1_ps(alpha), vs = _mm_set1_ps(alpha * s);
+  for (int64_t i0 = 0; i0 < b4; i0 += 4)
+    for (int64_t j0 = i0; j0 < b4; j0 += 4) {   // tile (I, J) and tile (J, I): all loads before the stores
+      const float* xij = x + i0 * b + j0;
+      const float* xji = x + j0 * b + i0;
+      __m128 a0 = _mm_loadu_ps(xij), a1 = _mm_loadu_ps(xij + b), a2 = _mm_loadu_ps(xij + 2 * b),
+             a3 = _mm_loadu_ps(xij + 3 * b);
+      __m128 c0 = _mm_loadu_ps(xji), c1 = _mm_loadu_ps(xji + b), c2 = _mm_loadu_ps(xji + 2 * b),
+             c3 = _mm_loadu_ps(xji + 3 * b);
+      __m128 t0 = a0, t1 = a1, t2 = a2, t3 = a3, u0 = c0, u1 = c1, u2 = c2, u3 = c3;
+      _MM_TRANSPOSE4_PS(t0, t1, t2, t3);
+      _MM_TRANSPOSE4_PS(u0, u1, u2, u3);
+      float* yij = y + i0 * b + j0;
+      float* yji = y + j0 * b + i0;
+      _mm_storeu_ps(yij, _mm_add_ps(_mm_mul_ps(va, a0), _mm_mul_ps(vs, u0)));
+      _mm_storeu_ps(yij + b, _mm_add_ps(_mm_mul_ps(va, a1), _mm_mul_ps(vs, u1)));
+      _mm_storeu_ps(yij + 2 * b, _mm_add_ps(_mm_mul_ps(va, a2), _mm_mul_ps(vs, u2)));
+      _mm_storeu_ps(yij + 3 * b, _mm_add_ps(_mm_mul_ps(va, a3), _mm_mul_ps(vs, u3)));
+      _mm_storeu_ps(yji, _mm_add_ps(_mm_mul_ps(va, c0), _mm_mul_ps(vs, t0)));
+      _mm_storeu_ps(yji + b, _mm_add_ps(_mm_mul_ps(va, c1), _mm_mul_ps(vs, t1)));
+      _mm_storeu_ps(yji + 2 * b, _mm_add_ps(_mm_mul_ps(va, c2), _mm_mul_ps(vs, t2)));
+      _mm_storeu_ps(yji + 3 * b, _mm_add_ps(_mm_mul_ps(va, c3), _mm_mul_ps(vs, t3)));
+    }
+  return b4;
+}
+#endif
+
 template <typename T>
 void pair_combine(T* out, const T* M, int64_t batch, int64_t b, T alpha, T s) {
-  at::parallel_for(0, batch, 1, [&](int64_t m0, int64_t m1) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(b * b, 1));
+  at::parallel_for(0, batch, grain, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* x = M + m * b * b;
       T* y = out + m * b * b;
-      for (int64_t i = 0; i < b; ++i) {
-        y[i * b + i] = alpha * (x[i * b + i] + s * x[i * b + i]);
-        for (int64_t j = i + 1; j < b; ++j) {
-          const T xij = x[i * b + j], xji = x[j * b + i];
-          y[i * b + j] = alpha * (xij + s * xji);
-          y[j * b + i] = alpha * (xji + s * xij);
-        }
-      }
+      pair_scalar(y, x, b, pair_tiles(y, x, b, alpha, s), alpha, s);
     }
   });
 }
@@ -98,21 +143,59 @@ std::vector<Tensor> power_chain(const Tensor& A, int64_t h) {
   return P;
 }
 
-Tensor sum_with_identity(const std::vector<Tensor>& P, int64_t h, const Tensor& eye) {
-  auto E = eye.expand_as(P[0]).clone();
-  for (int64_t j = 0; j < h; ++j) E.add_(P[j]);
-  return E;
+template <typename T>
+T* ptr(Tensor& t) { return t.data_ptr<T>(); }
+template <typename T>
+const T* cptr(const Tensor& t) { return t.const_data_ptr<T>(); }
+
+// f(m0, m1) over chunks of the matrices of a batch of b × b matrices, in parallel.
+template <typename F>
+void for_matrices(int64_t batch, int64_t b, const F& f) {
+  at::parallel_for(0, batch, std::max<int64_t>(1, 32768 / std::max<int64_t>(b * b, 1)), f);
+}
+
+// The two polynomials around the product of the odd-k map: E = I + Σ_{j=1..h} P_j and
+// Am = I + σ·2A + Y (σ = +1: Am; σ = −1: Amᵀ), in one pass (h <= 2 fused, more powers added after).
+// A is contiguous; the powers may be slices of the saved stack (matrices contiguous, any batch stride).
+std::pair<Tensor, Tensor> am_and_e(const Tensor& A, const std::vector<Tensor>& P, int64_t h, double sigma) {
+  auto E = at::empty_like(A), Am = at::empty_like(A);
+  const int64_t b = A.size(-1), bb = b * b;
+  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "am_and_e", [&] {
+    using T = scalar_t;
+    const T two_sigma = static_cast<T>(2.0 * sigma);
+    for_matrices(A.size(0), b, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* __restrict a = cptr<T>(A) + m * bb;
+        const T* __restrict y = cptr<T>(P[0]) + m * P[0].stride(0);
+        const T* __restrict y2 = h >= 2 ? cptr<T>(P[1]) + m * P[1].stride(0) : nullptr;
+        T* __restrict e = ptr<T>(E) + m * bb;
+        T* __restrict am = ptr<T>(Am) + m * bb;
+        if (y2) {
+          for (int64_t k = 0; k < bb; ++k) e[k] = y[k] + y2[k];
+        } else if (h == 1) {
+          for (int64_t k = 0; k < bb; ++k) e[k] = y[k];
+        } else {
+          for (int64_t k = 0; k < bb; ++k) e[k] = T(0);
+        }
+        for (int64_t k = 0; k < bb; ++k) am[k] = two_sigma * a[k] + y[k];
+        for (int64_t i = 0; i < b; ++i) {
+          e[i * b + i] += T(1);
+          am[i * b + i] += T(1);
+        }
+      }
+    });
+  });
+  for (int64_t j = 2; j < h; ++j) E.add_(P[j]);
+  return {Am, E};
 }
 
 // R from A and its powers (P[0] = Y always present; P[j-1] = Yʲ up to h).
 Tensor series(const Tensor& A, const std::vector<Tensor>& P, int64_t terms) {
-  const auto eye = eye3(A);
-  if (terms == 0) return (A + eye).contiguous();  // A may be transposed in storage (S was)
+  if (terms == 0) return (A + eye3(A)).contiguous();
   const int64_t h = terms / 2;
-  auto Am = P[0] + eye;
-  Am.add_(A, 2.0);
+  const auto [Am, E] = am_and_e(A, P, h, 1.0);
   if (h == 0) return Am;  // k = 1
-  auto R = at::bmm(Am, sum_with_identity(P, h, eye));
+  auto R = at::bmm(Am, E);
   if (terms % 2 == 0) {
     const auto C = at::bmm(A, P[h - 1]);  // A^(k+1)
     R.sub_(C);
@@ -125,11 +208,6 @@ Tensor series(const Tensor& A, const std::vector<Tensor>& P, int64_t terms) {
 // (seed[j-1]); returns the cotangent of Y (symmetric).
 Tensor power_chain_adjoint(const std::vector<Tensor>& P, std::vector<Tensor> seed, int64_t h) {
   if (h == 1) return seed[0];
-  const bool same = seed[h - 1].is_same(seed[0]);
-  if (h == 2 && same) {  // D + YD + DY with D symmetric: one product
-    auto V = at::bmm(P[0], seed[0]);
-    return combine(V, 1.0, 1.0, /*inplace=*/true).add_(seed[0]);   // V + Vᵀ + D
-  }
   Tensor C = seed[h - 1], L;
   for (int64_t j = h; j >= 2; --j) {
     const auto contrib = at::bmm(P[j - 2], C);
@@ -146,15 +224,12 @@ Tensor backward_impl(const Tensor& grad, const Tensor& S, const std::vector<Tens
   if (terms == 0) return combine(G, 0.5, -1.0, false).view(S.sizes()).to(S.scalar_type());
   const int64_t h = terms / 2;
   const auto& P = P_in.empty() ? power_chain(A, h) : P_in;
-  const auto eye = eye3(A);
   Tensor W, dY;
   if (h == 0) {  // k = 1: R = Am
     W = G.clone(at::MemoryFormat::Contiguous);  // grad may be transposed in storage
     dY = sym(G);
   } else {
-    const auto E = sum_with_identity(P, h, eye);
-    auto AmT = P[0] + eye;
-    AmT.add_(A, -2.0);
+    const auto [AmT, E] = am_and_e(A, P, h, -1.0);
     W = at::bmm(G, E);                 // dAm (E symmetric)
     const auto D = sym(at::bmm(AmT, G));
     std::vector<Tensor> seed(h, D);
@@ -165,17 +240,21 @@ Tensor backward_impl(const Tensor& grad, const Tensor& S, const std::vector<Tens
       M_extra = at::baddbmm(at::bmm(dC, P[h - 1]), C.mT(), G, 1.0, -1.0);  // dC·P_h − Cᵀ·G
       seed[h - 1] = combine(at::bmm(A, dC), -0.5, 1.0, /*inplace=*/true).add_(D);   // D + sym(dP_h), dP_h = −A dC
     }
-    dY = sym(W).add_(power_chain_adjoint(P, seed, h));
+    if (h == 2 && terms % 2 == 1) {    // k = 5: L = D + YD + DY (one product), dY = sym(W + 2·YD) + D
+      dY = sym_(at::add(W, at::bmm(P[0], D), 2.0)).add_(D);
+    } else {
+      dY = sym(W).add_(power_chain_adjoint(P, seed, h));
+    }
     if (M_extra.defined()) W.add_(M_extra, 0.5);
   }
-  W.sub_(at::bmm(dY, A));              // W = ½ M − Z, M = 2 dAm (+ extra), Z = sym(dY)·A
+  W.baddbmm_(dY, A, 1.0, -1.0);        // W = ½ M − Z, M = 2 dAm (+ extra), Z = sym(dY)·A
   return minus_transpose_(W).view(S.sizes()).to(S.scalar_type());
 }
 
 std::vector<Tensor> unstack_powers(const Tensor& powers, int64_t b) {
   const int64_t h = powers.size(-3);
   auto P4 = powers.reshape({-1, h, b, b});
-  if (is_half(P4)) P4 = P4.to(at::kFloat);
+  P4 = (is_half(P4) ? P4.to(at::kFloat) : P4).contiguous();
   std::vector<Tensor> P;
   for (int64_t j = 0; j < h; ++j) P.push_back(P4.select(1, j));
   return P;
