@@ -21,6 +21,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <array>
+#include <tuple>
 #include <vector>
 
 #if defined(__SSE__) || defined(_M_X64)
@@ -47,65 +49,100 @@ void check_blocks(const char* op, const Tensor& S) {
 
 bool is_half(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
-// out = α (M + s Mᵀ) for every matrix of a contiguous [B, b, b] tensor (s = +1 symmetric part, −1 skew
-// part), in place when out is M. TensorIterator's M − M.mT() walks one operand down the columns and cost
-// 4-10x a plain subtraction (measured, b = 32 and 256), as much as a block product at b = 32; so does a
-// scalar loop over the pairs (i, j) (~1.5-3.5 ns per element here). float32 takes pairs of 4 × 4 tiles
-// instead, transposed in SSE registers (every load and store a row segment); the rest is that scalar loop.
+// Matrices per thread of an elementwise pass: at least ~16K elements.
+int64_t pass_grain(int64_t bb) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(bb, 1)); }
+
+// Pair passes: out = add + Σ_t (α_t X_t + β_t X_tᵀ) per matrix of contiguous [B, b, b] tensors (the skew
+// and symmetric projections, fused with the sums around them). TensorIterator's M − M.mT() walks one
+// operand down the columns and cost 4-10x a plain subtraction (measured, b = 32 and 256), as much as a
+// block product at b = 32; so does a scalar loop over the pairs (i, j) (~1.5-3.5 ns per element here).
+// float32 takes pairs of 4 × 4 tiles transposed in SSE registers (every load and store a row segment);
+// the rest (float64, b mod 4) is that scalar loop. Both entries of a pair, or both tiles of a tile pair,
+// are read before either is written, so out may be one of the X_t or add.
 template <typename T>
-void pair_scalar(T* y, const T* x, int64_t b, int64_t j_from, T alpha, T s) {
-  for (int64_t j = j_from; j < b; ++j)          // the pairs (i, j), i <= j, of the columns j >= j_from
+struct PairTerm {
+  const T* x;
+  T alpha, beta;
+};
+
+template <typename T, size_t N>
+using Terms = std::array<PairTerm<T>, N>;
+
+// The pairs (i, j), i <= j, of the columns j >= j_from of one b × b matrix (offset `at` in every tensor).
+template <typename T, size_t N>
+void pair_scalar(T* y, const Terms<T, N>& terms, const T* add, int64_t at, int64_t b, int64_t j_from) {
+  for (int64_t j = j_from; j < b; ++j)
     for (int64_t i = 0; i <= j; ++i) {
-      const T xij = x[i * b + j], xji = x[j * b + i];
-      y[i * b + j] = alpha * (xij + s * xji);
-      y[j * b + i] = alpha * (xji + s * xij);
+      const int64_t ij = at + i * b + j, ji = at + j * b + i;
+      T yij = add ? add[ij] : T(0), yji = add ? add[ji] : T(0);
+      for (const auto& t : terms) {
+        const T xij = t.x[ij], xji = t.x[ji];
+        yij += t.alpha * xij + t.beta * xji;
+        yji += t.alpha * xji + t.beta * xij;
+      }
+      y[ij] = yij;
+      y[ji] = yji;
     }
 }
 
-template <typename T>
-int64_t pair_tiles(T*, const T*, int64_t, T, T) { return 0; }   // no vector path: all pairs scalar
+// The vector part: the pairs with j < 4⌊b/4⌋; returns where the scalar loop takes over (0: no vector path).
+template <typename T, size_t N>
+int64_t pair_tiles(T*, const Terms<T, N>&, const T*, int64_t, int64_t) { return 0; }
 
 #if defined(__SSE__) || defined(_M_X64)
-// The pairs (i, j) with j < 4⌊b/4⌋; returns where the scalar loop takes over.
-template <>
-int64_t pair_tiles<float>(float* y, const float* x, int64_t b, float alpha, float s) {
+template <size_t N>
+int64_t pair_tiles(float* y, const Terms<float, N>& terms, const float* add, int64_t at, int64_t b) {
   const int64_t b4 = b / 4 * 4;
-  const __m128 va = _mm_set1_ps(alpha), vs = _mm_set1_ps(alpha * s);
   for (int64_t i0 = 0; i0 < b4; i0 += 4)
-    for (int64_t j0 = i0; j0 < b4; j0 += 4) {   // tile (I, J) and tile (J, I): all loads before the stores
-      const float* xij = x + i0 * b + j0;
-      const float* xji = x + j0 * b + i0;
-      __m128 a0 = _mm_loadu_ps(xij), a1 = _mm_loadu_ps(xij + b), a2 = _mm_loadu_ps(xij + 2 * b),
-             a3 = _mm_loadu_ps(xij + 3 * b);
-      __m128 c0 = _mm_loadu_ps(xji), c1 = _mm_loadu_ps(xji + b), c2 = _mm_loadu_ps(xji + 2 * b),
-             c3 = _mm_loadu_ps(xji + 3 * b);
-      __m128 t0 = a0, t1 = a1, t2 = a2, t3 = a3, u0 = c0, u1 = c1, u2 = c2, u3 = c3;
-      _MM_TRANSPOSE4_PS(t0, t1, t2, t3);
-      _MM_TRANSPOSE4_PS(u0, u1, u2, u3);
-      float* yij = y + i0 * b + j0;
-      float* yji = y + j0 * b + i0;
-      _mm_storeu_ps(yij, _mm_add_ps(_mm_mul_ps(va, a0), _mm_mul_ps(vs, u0)));
-      _mm_storeu_ps(yij + b, _mm_add_ps(_mm_mul_ps(va, a1), _mm_mul_ps(vs, u1)));
-      _mm_storeu_ps(yij + 2 * b, _mm_add_ps(_mm_mul_ps(va, a2), _mm_mul_ps(vs, u2)));
-      _mm_storeu_ps(yij + 3 * b, _mm_add_ps(_mm_mul_ps(va, a3), _mm_mul_ps(vs, u3)));
-      _mm_storeu_ps(yji, _mm_add_ps(_mm_mul_ps(va, c0), _mm_mul_ps(vs, t0)));
-      _mm_storeu_ps(yji + b, _mm_add_ps(_mm_mul_ps(va, c1), _mm_mul_ps(vs, t1)));
-      _mm_storeu_ps(yji + 2 * b, _mm_add_ps(_mm_mul_ps(va, c2), _mm_mul_ps(vs, t2)));
-      _mm_storeu_ps(yji + 3 * b, _mm_add_ps(_mm_mul_ps(va, c3), _mm_mul_ps(vs, t3)));
+    for (int64_t j0 = i0; j0 < b4; j0 += 4) {   // tile (I, J) and tile (J, I)
+      const int64_t ij = at + i0 * b + j0, ji = at + j0 * b + i0;
+      __m128 p[4], q[4];                         // the out rows of tile (I, J) and of tile (J, I)
+      for (int r = 0; r < 4; ++r) {
+        p[r] = add ? _mm_loadu_ps(add + ij + r * b) : _mm_setzero_ps();
+        q[r] = add ? _mm_loadu_ps(add + ji + r * b) : _mm_setzero_ps();
+      }
+      for (const auto& t : terms) {
+        __m128 a[4], c[4];
+        for (int r = 0; r < 4; ++r) {
+          a[r] = _mm_loadu_ps(t.x + ij + r * b);
+          c[r] = _mm_loadu_ps(t.x + ji + r * b);
+        }
+        __m128 ta0 = a[0], ta1 = a[1], ta2 = a[2], ta3 = a[3], tc0 = c[0], tc1 = c[1], tc2 = c[2], tc3 = c[3];
+        _MM_TRANSPOSE4_PS(ta0, ta1, ta2, ta3);
+        _MM_TRANSPOSE4_PS(tc0, tc1, tc2, tc3);
+        const __m128 ta[4] = {ta0, ta1, ta2, ta3}, tc[4] = {tc0, tc1, tc2, tc3};
+        const __m128 va = _mm_set1_ps(t.alpha), vb = _mm_set1_ps(t.beta);
+        for (int r = 0; r < 4; ++r) {
+          p[r] = _mm_add_ps(p[r], _mm_add_ps(_mm_mul_ps(va, a[r]), _mm_mul_ps(vb, tc[r])));
+          q[r] = _mm_add_ps(q[r], _mm_add_ps(_mm_mul_ps(va, c[r]), _mm_mul_ps(vb, ta[r])));
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        _mm_storeu_ps(y + ij + r * b, p[r]);
+        _mm_storeu_ps(y + ji + r * b, q[r]);
+      }
     }
   return b4;
 }
 #endif
 
-template <typename T>
-void pair_combine(T* out, const T* M, int64_t batch, int64_t b, T alpha, T s) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(b * b, 1));
-  at::parallel_for(0, batch, grain, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const T* x = M + m * b * b;
-      T* y = out + m * b * b;
-      pair_scalar(y, x, b, pair_tiles(y, x, b, alpha, s), alpha, s);
-    }
+// out (a contiguous [B, b, b] tensor) = add + Σ_t (α_t X_t + β_t X_tᵀ); X_t and add contiguous like out.
+template <size_t N>
+void pair_pass(Tensor& out, const std::array<std::tuple<const Tensor*, double, double>, N>& xs,
+               const Tensor* add) {
+  const int64_t batch = out.size(0), b = out.size(-1), bb = b * b;
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pair_pass", [&] {
+    using T = scalar_t;
+    Terms<T, N> terms;
+    for (size_t k = 0; k < N; ++k)
+      terms[k] = {std::get<0>(xs[k])->template const_data_ptr<T>(), static_cast<T>(std::get<1>(xs[k])),
+                  static_cast<T>(std::get<2>(xs[k]))};
+    const T* a = add ? add->template const_data_ptr<T>() : nullptr;
+    T* y = out.template data_ptr<T>();
+    at::parallel_for(0, batch, pass_grain(bb), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m)
+        pair_scalar(y, terms, a, m * bb, b, pair_tiles(y, terms, a, m * bb, b));
+    });
   });
 }
 
@@ -113,10 +150,7 @@ void pair_combine(T* out, const T* M, int64_t batch, int64_t b, T alpha, T s) {
 Tensor combine(const Tensor& M, double alpha, double s, bool inplace) {
   auto src = M.contiguous();
   auto dst = inplace && src.is_same(M) ? src : at::empty_like(src);
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "pair_combine", [&] {
-    pair_combine<scalar_t>(dst.data_ptr<scalar_t>(), src.const_data_ptr<scalar_t>(), src.size(0), src.size(-1),
-                           static_cast<scalar_t>(alpha), static_cast<scalar_t>(s));
-  });
+  pair_pass<1>(dst, {std::make_tuple(&src, alpha, alpha * s)}, nullptr);
   return dst;
 }
 
@@ -151,7 +185,7 @@ const T* cptr(const Tensor& t) { return t.const_data_ptr<T>(); }
 // f(m0, m1) over chunks of the matrices of a batch of b × b matrices, in parallel.
 template <typename F>
 void for_matrices(int64_t batch, int64_t b, const F& f) {
-  at::parallel_for(0, batch, std::max<int64_t>(1, 32768 / std::max<int64_t>(b * b, 1)), f);
+  at::parallel_for(0, batch, pass_grain(b * b), f);
 }
 
 // The two polynomials around the product of the odd-k map: E = I + Σ_{j=1..h} P_j and
@@ -231,7 +265,7 @@ Tensor backward_impl(const Tensor& grad, const Tensor& S, const std::vector<Tens
   } else {
     const auto [AmT, E] = am_and_e(A, P, h, -1.0);
     W = at::bmm(G, E);                 // dAm (E symmetric)
-    const auto D = sym(at::bmm(AmT, G));
+    const auto D = sym_(at::bmm(AmT, G));
     std::vector<Tensor> seed(h, D);
     Tensor M_extra;
     if (terms % 2 == 0) {              // R −= C + C·A, C = A·P_h
@@ -240,8 +274,10 @@ Tensor backward_impl(const Tensor& grad, const Tensor& S, const std::vector<Tens
       M_extra = at::baddbmm(at::bmm(dC, P[h - 1]), C.mT(), G, 1.0, -1.0);  // dC·P_h − Cᵀ·G
       seed[h - 1] = combine(at::bmm(A, dC), -0.5, 1.0, /*inplace=*/true).add_(D);   // D + sym(dP_h), dP_h = −A dC
     }
-    if (h == 2 && terms % 2 == 1) {    // k = 5: L = D + YD + DY (one product), dY = sym(W + 2·YD) + D
-      dY = sym_(at::add(W, at::bmm(P[0], D), 2.0)).add_(D);
+    if (h == 2 && terms % 2 == 1) {    // k = 5: L = D + YD + DY (one product), dY = sym(W) + L in one pass
+      auto V = at::bmm(P[0], D);
+      pair_pass<2>(V, {std::make_tuple(&W, 0.5, 0.5), std::make_tuple(&V, 1.0, 1.0)}, &D);   // sym(W) + V + Vᵀ + D
+      dY = V;
     } else {
       dY = sym(W).add_(power_chain_adjoint(P, seed, h));
     }
