@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from _refs import OpCounter, permuted_block_matrix
+from opt_fast import functional
 from opt_fast.nn import MergeSchedule, OPTBlockLinear, convert, merge, merge_and_reset
+from opt_fast.nn.block_methods import skew_from_packed
 
 METHODS = ["cayley_neumann", "cayley", "gram_schmidt", "householder", "lowdin"]
 EXACT = ["cayley", "gram_schmidt", "householder", "lowdin"]
@@ -354,6 +356,35 @@ def _saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
+
+
+def test_default_saves_activations_and_rotations_only():
+    """A two-sided cayley_neumann layer saves x, the inner activation and each side's R, nothing else (not
+    the skew blocks or their powers: the map keeps only its packed parameters, which are not counted);
+    its parameter gradients equal those of the map through plain autograd."""
+    layer = OPTBlockLinear(40, 24, block_size=8, sides="both", dtype=F64)
+    train(nn.Sequential(layer))
+    own = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
+    x = torch.randn(16, 40, dtype=F64, requires_grad=True)
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    n_in, n_out = 40 // 8, 24 // 8
+    assert sum(seen.values()) == 8 * (16 * 40 + 16 * 24 + (n_in + n_out) * 8 * 8)
+    grads = torch.autograd.grad(out.square().sum(), [layer.in_blocks, layer.out_blocks])
+    S_in, S_out = (skew_from_packed(P, 8) for P in (layer.in_blocks, layer.out_blocks))
+    ref = functional.block_apply(functional.cayley_neumann(S_out, layer.terms),
+                                 F.linear(functional.block_apply(functional.cayley_neumann(S_in, layer.terms).mT, x,
+                                                                 layer.in_perm), layer.W0), layer.out_perm)
+    want = torch.autograd.grad((ref + layer.bias).square().sum(), [layer.in_blocks, layer.out_blocks])
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("sides", ["in", "both"])
