@@ -387,6 +387,21 @@ def test_default_saves_activations_and_rotations_only():
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_forward_mode_ad_through_a_layer():
+    """torch.func.jvp through a cayley_neumann layer's parameters matches central differences (the map's
+    memory-lean backward has no forward rule of its own: a tangent takes the op's)."""
+    layer = OPTBlockLinear(12, 12, block_size=4, sides="both", dtype=F64)
+    x = torch.randn(3, 12, dtype=F64)
+    P = layer.in_blocks.detach() + 0.1 * torch.randn_like(layer.in_blocks)
+    T = torch.randn_like(P)
+
+    def f(p):
+        return torch.func.functional_call(layer, {"in_blocks": p}, (x,))
+    _, tangent = torch.func.jvp(f, (P,), (T,))
+    eps = 1e-6
+    torch.testing.assert_close(tangent, (f(P + eps * T) - f(P - eps * T)) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("sides", ["in", "both"])
 def test_recompute_same_gradients_fewer_bytes(sides):
     """recompute=True: the same output and gradients (input and parameters) as recompute=False, and fewer

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import functional
+from .._forward_ad import has_tangent
 from .methods import METHODS, pair_reflectors
 
 _ops = torch.ops.opt_fast
@@ -115,9 +116,10 @@ class PackedSkew(BlockMap):
         return torch.zeros(self.shape(nb, b), dtype=dtype, device=device)
 
     def rotation(self, P, b, terms):
-        if self.neumann:
+        if self.neumann and not has_tangent(P):   # (forward-mode AD: through the op's own rule below)
             return _PackedNeumann.apply(_compute(P), b, terms)
-        return _ops.cayley(skew_from_packed(_compute(P), b))
+        S = skew_from_packed(_compute(P), b)
+        return functional.cayley_neumann(S, terms) if self.neumann else _ops.cayley(S)
 
 
 class DenseBlocks(BlockMap):
