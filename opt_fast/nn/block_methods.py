@@ -84,8 +84,8 @@ class _PackedNeumann(torch.autograd.Function):
 
     Through plain autograd the map would hold S, the powers of S and (by block_apply) R: three or four
     b × b stacks per side, 12.5% of a 2048-token activation each at b = 256. Here the backward rebuilds S
-    and the powers (two more block products at terms >= 2), so a layer's saved memory is its activations
-    and R."""
+    and the powers (⌊terms/2⌋ more block products, at least one: two at terms = 5), so a layer's saved
+    memory is its activations and R."""
 
     @staticmethod
     def forward(U, b, terms):
