@@ -70,13 +70,16 @@ def skew_from_packed(U: Tensor, b: int) -> Tensor:
     return S - S.mT
 
 
+_TRIL_CACHE: Dict[Tuple[int, str], Tensor] = {}
+
+
 def _lower_flat_index(b: int, device) -> Tensor:
     """Flat indices (col·b + row) of the transposed positions of triu_flat_index's entries."""
-    key = (-b, str(device))
-    if key not in _TRIU_CACHE:
+    key = (b, str(device))
+    if key not in _TRIL_CACHE:
         rows, cols = torch.triu_indices(b, b, 1)
-        _TRIU_CACHE[key] = (cols * b + rows).to(device)
-    return _TRIU_CACHE[key]
+        _TRIL_CACHE[key] = (cols * b + rows).to(device)
+    return _TRIL_CACHE[key]
 
 
 class _PackedNeumann(torch.autograd.Function):
