@@ -321,13 +321,18 @@ def _check_block_apply(b, R, X, perm, G, dtype, want64, same, grads64, grads_sam
         assert_rule(f"{name} grad_X", gX, grads64[1], grads_same[1], dtype)
 
 
+@pytest.mark.parametrize("layout", ["contig", "row_strided"])
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("permute", [False, True], ids=["noperm", "perm"])
-def test_block_apply_many_rows(permute, nthreads):
+def test_block_apply_many_rows(permute, nthreads, layout):
     """Rows beyond one chunk of the kernel (the last chunk partial), split over threads: grad_R sums every
-    chunk's contribution exactly once (float64, tight)."""
+    chunk's contribution exactly once (float64, tight). "row_strided": X and G are the first n columns of
+    wider matrices (unit column stride, row stride > n: the rows the kernel's prefetch runs ahead on)."""
     R, X, perm = make_block_input(5, "remainder", (1037,), F64, permute)
     G = torch.randn_like(X)
+    if layout == "row_strided":
+        X, G = (torch.cat([t, torch.full_like(t, float("inf"))], -1)[:, :t.shape[-1]] for t in (X, G))
+        assert X.stride() == (2 * X.shape[-1], 1)
     with threads(nthreads):
         Y = ops.block_apply(R, X, perm)
         gR, gX = ops.block_apply_backward(G, R, X, perm)

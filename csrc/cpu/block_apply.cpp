@@ -76,16 +76,28 @@ int64_t chunk_rows(int64_t n) {
   return std::max<int64_t>(64, std::min<int64_t>(256, (128 * 1024) / std::max<int64_t>(n, 1)));
 }
 
+// Rows ahead whose cache lines a gather or scatter prefetches while it works on the current row: the
+// permuted accesses within a row defeat the hardware prefetcher, so without it every line of a row is a
+// cache miss in turn (measured, 2048 × 2048 float32: gather 5.5 -> 2.5-3 ms, scatter 4.8 -> 3.2 ms).
+constexpr int64_t kPrefetchRows = 2;
+constexpr int64_t kLine = 16;   // elements per prefetch (a 64-byte line of float32)
+
 // buf[r, i] = X[row0 + r, idx[i]] in the compute type (rows of X with unit column stride: the common case,
-// a plain indexed load the compiler keeps tight).
+// a plain indexed load the compiler keeps tight). last_row bounds the prefetch to X's rows.
 template <typename xt, typename ct>
-void gather(ct* __restrict buf, const xt* __restrict X, int64_t row0, int64_t rows, int64_t n, int64_t rs,
-            int64_t cs, const int64_t* __restrict idx) {
+void gather(ct* __restrict buf, const xt* __restrict X, int64_t row0, int64_t rows, int64_t last_row, int64_t n,
+            int64_t rs, int64_t cs, const int64_t* __restrict idx) {
   for (int64_t r = 0; r < rows; ++r) {
     const xt* __restrict src = X + (row0 + r) * rs;
     ct* __restrict dst = buf + r * n;
     if (cs == 1) {
-      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<ct>(src[idx[i]]);
+      const xt* ahead = row0 + r + kPrefetchRows <= last_row ? src + kPrefetchRows * rs : nullptr;
+      int64_t i = 0;
+      for (; i + kLine <= n; i += kLine) {
+        if (ahead) __builtin_prefetch(ahead + i);
+        for (int64_t u = i; u < i + kLine; ++u) dst[u] = static_cast<ct>(src[idx[u]]);
+      }
+      for (; i < n; ++i) dst[i] = static_cast<ct>(src[idx[i]]);
     } else {
       for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<ct>(src[idx[i] * cs]);
     }
@@ -93,15 +105,19 @@ void gather(ct* __restrict buf, const xt* __restrict X, int64_t row0, int64_t ro
 }
 
 // Y[row0 + r, idx[j·b + i]] = out[j, r, i] (the chunk's block products), and the remainder from buf.
+// Y is contiguous [rows_total, n]; last_row bounds the prefetch (for writing) of the rows ahead.
 template <typename xt, typename ct>
 void scatter(xt* __restrict Y, const ct* __restrict out, const ct* __restrict buf, int64_t row0, int64_t rows,
-             int64_t n, int64_t nb, int64_t b, const int64_t* __restrict idx) {
+             int64_t last_row, int64_t n, int64_t nb, int64_t b, const int64_t* __restrict idx) {
   const int64_t covered = nb * b;
   for (int64_t r = 0; r < rows; ++r) {
     xt* __restrict dst = Y + (row0 + r) * n;
+    xt* ahead = row0 + r + kPrefetchRows <= last_row ? dst + kPrefetchRows * n : nullptr;
     for (int64_t j = 0; j < nb; ++j) {
       const ct* __restrict src = out + (j * rows + r) * b;
       const int64_t* __restrict ij = idx + j * b;
+      if (ahead)
+        for (int64_t i = 0; i < b; i += kLine) __builtin_prefetch(ahead + j * b + i, 1);
       for (int64_t i = 0; i < b; ++i) dst[ij[i]] = static_cast<xt>(src[i]);
     }
     for (int64_t i = covered; i < n; ++i) dst[idx[i]] = static_cast<xt>(buf[r * n + i]);
@@ -159,11 +175,12 @@ Tensor block_apply_cpu(const Tensor& R, const Tensor& X, const std::optional<Ten
         auto out = at::empty({nb, chunk, b}, R.options());
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t row0 = c * chunk, rows = std::min(chunk, rows_total - row0);
-          gather(buf.data_ptr<ct>(), xp, row0, rows, n, rs, cs, idx.data());
+          gather(buf.data_ptr<ct>(), xp, row0, rows, rows_total - 1, n, rs, cs, idx.data());
           auto o = out.narrow(1, 0, rows);
           if (rows != chunk) o = at::empty({nb, rows, b}, R.options());
           at::bmm_out(o, block_view(buf, rows, n, nb, b), Rt);
-          scatter(yp, o.const_data_ptr<ct>(), buf.const_data_ptr<ct>(), row0, rows, n, nb, b, idx.data());
+          scatter(yp, o.const_data_ptr<ct>(), buf.const_data_ptr<ct>(), row0, rows, rows_total - 1, n, nb, b,
+                  idx.data());
         }
       });
     });
@@ -208,13 +225,14 @@ std::tuple<Tensor, Tensor> block_apply_backward_cpu(const Tensor& grad, const Te
         auto acc = at::zeros({nb, b, b}, R.options());
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t row0 = c * chunk, rows = std::min(chunk, rows_total - row0);
-          gather(gbuf.data_ptr<ct>(), gp, row0, rows, n, G2.stride(0), G2.stride(1), idx.data());
-          gather(xbuf.data_ptr<ct>(), xp, row0, rows, n, X2.stride(0), X2.stride(1), idx.data());
+          gather(gbuf.data_ptr<ct>(), gp, row0, rows, rows_total - 1, n, G2.stride(0), G2.stride(1), idx.data());
+          gather(xbuf.data_ptr<ct>(), xp, row0, rows, rows_total - 1, n, X2.stride(0), X2.stride(1), idx.data());
           const auto gb = block_view(gbuf, rows, n, nb, b);
           auto o = out.narrow(1, 0, rows);
           if (rows != chunk) o = at::empty({nb, rows, b}, R.options());
           at::bmm_out(o, gb, Rc);
-          scatter(gxp, o.const_data_ptr<ct>(), gbuf.const_data_ptr<ct>(), row0, rows, n, nb, b, idx.data());
+          scatter(gxp, o.const_data_ptr<ct>(), gbuf.const_data_ptr<ct>(), row0, rows, rows_total - 1, n, nb, b,
+                  idx.data());
           acc.baddbmm_(gb.mT(), block_view(xbuf, rows, n, nb, b));
         }
         std::lock_guard<std::mutex> lock(acc_mutex);
