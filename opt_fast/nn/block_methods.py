@@ -70,16 +70,11 @@ def skew_from_packed(U: Tensor, b: int) -> Tensor:
     return S - S.mT
 
 
-_TRIL_CACHE: Dict[Tuple[int, str], Tensor] = {}
-
-
-def _lower_flat_index(b: int, device) -> Tensor:
-    """Flat indices (col·b + row) of the transposed positions of triu_flat_index's entries."""
-    key = (b, str(device))
-    if key not in _TRIL_CACHE:
-        rows, cols = torch.triu_indices(b, b, 1)
-        _TRIL_CACHE[key] = (cols * b + rows).to(device)
-    return _TRIL_CACHE[key]
+def _doubled_upper(U: Tensor, b: int) -> Tensor:
+    """[nb, b, b] blocks holding 2U on the strict upper triangle and zeros elsewhere: the op's skew part of
+    it, (X − Xᵀ)/2, is S = U − Uᵀ itself, so S is never formed (one pass fewer each way)."""
+    nb = U.shape[0]
+    return U.new_zeros(nb, b * b).index_copy(1, triu_flat_index(b, U.device), U * 2).view(nb, b, b)
 
 
 class _PackedNeumann(torch.autograd.Function):
@@ -92,7 +87,7 @@ class _PackedNeumann(torch.autograd.Function):
 
     @staticmethod
     def forward(U, b, terms):
-        return _ops.cayley_neumann(skew_from_packed(U, b), terms)
+        return _ops.cayley_neumann(_doubled_upper(U, b), terms)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -102,10 +97,9 @@ class _PackedNeumann(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_R):
         U, = ctx.saved_tensors
-        grad_S = _ops.cayley_neumann_backward(grad_R, skew_from_packed(U, ctx.b), ctx.terms)
-        flat = grad_S.reshape(grad_S.shape[0], -1)   # S = F − Fᵀ, U the upper entries of F
-        return (flat.index_select(1, triu_flat_index(ctx.b, U.device))
-                - flat.index_select(1, _lower_flat_index(ctx.b, U.device))), None, None
+        grad_X = _ops.cayley_neumann_backward(grad_R, _doubled_upper(U, ctx.b), ctx.terms)
+        flat = grad_X.reshape(grad_X.shape[0], -1)   # X's upper entries are 2U
+        return flat.index_select(1, triu_flat_index(ctx.b, U.device)) * 2, None, None
 
 
 class PackedSkew(BlockMap):
