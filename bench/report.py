@@ -66,8 +66,8 @@ def parse_args(argv=None):
                    "(those left when it runs out are marked skipped); default: none, or 5 min for the "
                    "default size. The headline is never cut")
     p.add_argument("--threads", type=int, help="torch.set_num_threads. Default on CPU: torch's choice, or 1 "
-                   "when the load average is at least the number of cores (a busy shared machine: torch's "
-                   "OpenMP regions then cost a scheduler tick each)")
+                   "when other work keeps all but half a core busy as the run starts (a busy shared machine: "
+                   "torch's OpenMP regions then cost a scheduler tick each)")
     p.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
                    help="torch.set_float32_matmul_precision (default: highest, i.e. no TF32)")
     return p.parse_args(argv)
@@ -79,15 +79,34 @@ def resolve_device(name):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def busy_cores(window_s: float = 1.0) -> float:
+    """Cores busy right now (/proc/stat over window_s), or the 1-minute load average where /proc is absent.
+    Not the load average on Linux: right after `make bench`'s own build it still counts the compiler."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]   # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (1.0 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def pick_threads(requested, device) -> str:
     if requested:
         torch.set_num_threads(requested)
         return "set by --threads"
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     cores = os.cpu_count() or 1
-    if device.type == "cpu" and load >= cores and torch.get_num_threads() > 1:
+    if device.type != "cpu" or torch.get_num_threads() <= 1:
+        return "torch default"
+    busy = busy_cores()
+    if busy >= cores - 0.5:
         torch.set_num_threads(1)
-        return f"auto: 1 thread, the machine is busy (load average {load:.1f} on {cores} cores; --threads N overrides)"
+        return (f"auto: 1 thread, the machine is busy ({busy:.1f} of {cores} cores busy before the run; "
+                "--threads N overrides)")
     return "torch default"
 
 
