@@ -3,7 +3,8 @@
 * maps: fwd+bwd of nb skew blocks of b × b (‖S_j‖₂ = 0.3, a rotation after some training) through the fused
   ``opt_fast.functional.cayley_neumann`` (5 terms), the same series in plain torch ops
   (``blocks.torch_series``: repeated bmm as PEFT's OFT computes it, autograd backward) and the exact ``torch.ops.opt_fast.cayley``, with each one's
-  orthogonality error ‖RᵀR − I‖_F/√b (float64, worst block);
+  orthogonality error ‖RᵀR − I‖_F/√b (float64, worst block); "/ fused" is the median of the per-pass ratios
+  of the interleaved rounds (``timers.paired_ratio``);
 * memory: bytes of the distinct tensors saved for backward by one layer's forward (saved_tensors_hooks;
   parameters and buffers not counted: nn.Linear keeps its weight, a block layer its W0), default and
   ``recompute=True``, against nn.Linear's.
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import blocks
-from .timers import Budget, measure_interleaved
+from .timers import Budget, measure_interleaved, paired_ratio
 
 # (b, nb) per size: the block sizes on a 2048-wide side
 MAP_BLOCKS = {"smoke": [(8, 4)], "default": [(32, 64), (128, 16), (256, 8)],
@@ -60,15 +61,16 @@ def map_times(size: str, device) -> List[Dict]:
                 S.grad = None
             recs.append({"map": name, "b": b, "nb": nb, "orth": _orthogonality(f(S0))})
             fns.append(step)
-        for rec, t in zip(recs, measure_interleaved(fns, device, BUDGET[size])):
+        timings = measure_interleaved(fns, device, BUDGET[size])
+        for rec, t in zip(recs, timings):
             if isinstance(t, Exception):
                 rec["status"] = f"error: {type(t).__name__}: {t}"
             else:
                 rec["t_s"] = t.median_s
-        fused = recs[0].get("t_s")
-        for rec in recs:
-            if fused and rec.get("t_s"):
-                rec["ratio_fused"] = rec["t_s"] / fused
+        fused = timings[0]
+        for rec, t in zip(recs, timings):
+            if not isinstance(fused, Exception) and not isinstance(t, Exception):
+                rec["ratio_fused"] = paired_ratio(t, fused)
         out += recs
     return out
 

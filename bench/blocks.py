@@ -10,7 +10,8 @@ plain torch ops (``TorchOpsBlockLinear``: x[..., perm], einsum over blocks, the 
 user would write it); at block size 32 also PEFT's OFT at its defaults (``bench.peers.peft_oft_linear``:
 Cayley–Neumann with ``num_cayley_neumann_terms=5`` = our terms 3, and exact), with opt_fast at the same
 series length and exact. "ours faster by" = the comparison row's time / opt_fast's (plain torch ops for the
-opt_fast rows of the same sides, PEFT for the PEFT-like rows).
+opt_fast rows of the same sides, PEFT for the PEFT-like rows). Ratios are medians of the per-pass ratios of
+the interleaved rounds (``timers.paired_ratio``): a slow spell of a shared machine hits both sides alike.
 """
 import math
 from typing import Callable, Dict, List, Optional
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import peers as PE
-from .timers import Budget, measure_interleaved
+from .timers import Budget, measure_interleaved, paired_ratio
 
 # (in = out features, tokens, block size) per size: d ∈ {1024, 2048} × b ∈ {32, 128, 256} at 2048 tokens;
 # the targets are read at d = 2048, b = 256 (one- and two-sided against nn.Linear and plain torch ops) and
@@ -169,19 +170,20 @@ def block_layer_times(size: str, device, progress: Optional[Callable[[str], None
                     ready.append((rec, PE.layer_fwd_bwd(build(d, block, device), x)))
                 except Exception as e:   # a peer or a layer that fails is a row with its error
                     rec["status"] = _err(e)
+        timing = {}
         for (rec, _), t in zip(ready, measure_interleaved([fn for _, fn in ready], device, BUDGET[size])):
             if isinstance(t, Exception):
                 rec["status"] = _err(t)
             else:
-                rec["t_s"] = t.median_s
+                rec["t_s"], timing[rec["layer"]] = t.median_s, t
         by_name = {r["layer"]: r for r in recs}
-        base = by_name[LINEAR].get("t_s")
         for rec in recs:
-            if base and rec.get("t_s"):
-                rec["ratio_linear"] = rec["t_s"] / base
-            other = by_name.get(VERSUS.get(rec["layer"], ""), {})
-            if rec.get("t_s") and other.get("t_s"):
-                rec["versus"], rec["speedup"] = other["layer"], other["t_s"] / rec["t_s"]
+            mine, base = timing.get(rec["layer"]), timing.get(LINEAR)
+            if mine and base:
+                rec["ratio_linear"] = paired_ratio(mine, base)
+            other = timing.get(VERSUS.get(rec["layer"], ""))
+            if mine and other:
+                rec["versus"], rec["speedup"] = by_name[VERSUS[rec["layer"]]]["layer"], paired_ratio(other, mine)
         out += recs
     return out
 

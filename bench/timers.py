@@ -13,7 +13,7 @@
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Union
 
 import torch
@@ -39,9 +39,20 @@ class Timing:
     rounds: int
     iters: int            # calls per round
     first_call_s: float   # the warm-up call (includes torch.compile / Triton JIT)
+    samples_s: List[float] = field(default_factory=list, repr=False)   # per round, in pass order
 
     def as_dict(self):
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "samples_s"}
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """a's time / b's from one ``measure_interleaved`` call: the median over passes of the ratio of their
+    rounds in the same pass when both ran the same number of rounds (which then fall in the same passes,
+    timed seconds apart, so that a slow spell of a shared machine hits both alike), else the ratio of
+    their medians."""
+    if a.samples_s and len(a.samples_s) == len(b.samples_s):
+        return statistics.median(x / y for x, y in zip(a.samples_s, b.samples_s))
+    return a.median_s / b.median_s
 
 
 @dataclass
@@ -125,7 +136,8 @@ def measure_interleaved(fns: List[Callable], device="cpu", budget: Optional[Budg
                     plans[i] = e
     return [p if isinstance(p, Exception) else
             Timing(statistics.median(p["samples"]), _quantile(p["samples"], 0.2), _quantile(p["samples"], 0.8),
-                   min(p["samples"]), max(p["rounds"], 1), p["iters"], p["first"]) for p in plans]
+                   min(p["samples"]), max(p["rounds"], 1), p["iters"], p["first"], list(p["samples"]))
+            for p in plans]
 
 
 def measure(fn: Callable, device="cpu", budget: Optional[Budget] = None) -> Timing:
