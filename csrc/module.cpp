@@ -6,6 +6,18 @@
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* m = PyModule_Create(&module_def);
+  // Whether this build compiled at::parallel_for's OpenMP body (setup.py's -fopenmp): without it every
+  // kernel's at::parallel_for runs serially (tests/test_build_checks.py checks it against torch's backend).
+#ifdef _OPENMP
+  const long openmp = 1;
+#else
+  const long openmp = 0;
+#endif
+  if (m && PyModule_AddIntConstant(m, "openmp", openmp) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 }

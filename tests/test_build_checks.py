@@ -86,3 +86,21 @@ def test_pyproject_pins_and_backend():
         dev_numpy = [line.strip() for line in f if line.startswith("numpy")]
     assert dev_numpy and [d for d in deps if d.startswith("numpy")] == dev_numpy  # same pin as the dev env
     assert set(meta["project"]["optional-dependencies"]["train"]) == {"scikit-learn", "matplotlib"}
+
+
+def test_extension_parallelises_with_torchs_openmp():
+    """at::parallel_for runs its body in parallel only when the extension itself is compiled with OpenMP
+    (ATen/ParallelOpenMP.h is guarded by _OPENMP): where torch's ATen uses OpenMP (Linux wheels) the build
+    must pass -fopenmp, else every C++ kernel runs on one thread whatever torch.get_num_threads() says; and
+    the OpenMP runtime must be torch's own (one libgomp in the process, so set_num_threads governs ours)."""
+    import torch
+    from opt_fast import _backends
+    if _backends.ext_error is not None:
+        pytest.skip(f"opt_fast._C not built: {_backends.ext_error}")
+    import opt_fast._C as ext
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        pytest.skip("torch's ATen does not parallelise with OpenMP here")
+    assert ext.openmp == 1, "opt_fast._C was compiled without -fopenmp: at::parallel_for runs serially"
+    with open("/proc/self/maps") as f:
+        gomps = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomps) <= 1, f"two OpenMP runtimes loaded: {sorted(gomps)}"

@@ -342,6 +342,26 @@ def test_block_apply_many_rows(permute, nthreads, layout):
     torch.testing.assert_close(gX, wX, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no_grad"])
+def test_block_apply_parallel_chunks_with_autograd_inputs(grad_enabled):
+    """Chunks on 2 threads with R and X requiring grad: the kernel's own GEMMs in the worker threads stay
+    below autograd (a worker does not inherit the caller's dispatch state: bmm_out on R raised there), and
+    under no_grad no graph is recorded."""
+    R, X, perm = make_block_input(5, "remainder", (1037,), F64, True)
+    R, X = R.requires_grad_(), X.requires_grad_()
+    with threads(2), torch.set_grad_enabled(grad_enabled):
+        Y = opt_fast.functional.block_apply(R, X, perm)
+    assert Y.requires_grad == grad_enabled
+    torch.testing.assert_close(Y, block_apply_torch(R.detach(), X.detach(), perm), rtol=1e-12, atol=1e-12)
+    if grad_enabled:
+        G = torch.randn_like(Y)
+        with threads(2):
+            gR, gX = torch.autograd.grad(Y, (R, X), G)
+        wR, wX = _block_grads(R, X, perm, G)
+        torch.testing.assert_close(gR, wR, rtol=1e-11, atol=1e-11)
+        torch.testing.assert_close(gX, wX, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("lead", [(0,), (3, 0)], ids=["0rows", "3x0rows"])
 def test_block_apply_no_rows(lead):
     R, X, perm = make_block_input(4, "remainder", lead, torch.float32, True)

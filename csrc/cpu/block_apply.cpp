@@ -171,6 +171,9 @@ Tensor block_apply_cpu(const Tensor& R, const Tensor& X, const std::optional<Ten
       const xt* xp = X2.const_data_ptr<xt>();
       xt* yp = Y.mutable_data_ptr<xt>();
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        // OpenMP workers do not inherit the caller's dispatch state: stay below autograd as the caller is
+        // (else bmm_out on an R that requires grad raises, and other calls would record a graph)
+        at::AutoDispatchBelowADInplaceOrView guard;
         auto buf = at::empty({chunk * n}, R.options());
         auto out = at::empty({nb, chunk, b}, R.options());
         for (int64_t c = c0; c < c1; ++c) {
@@ -219,6 +222,7 @@ std::tuple<Tensor, Tensor> block_apply_backward_cpu(const Tensor& grad, const Te
       const xt* gp = G2.const_data_ptr<xt>();
       xt* gxp = grad_X.mutable_data_ptr<xt>();
       at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+        at::AutoDispatchBelowADInplaceOrView guard;   // as in the forward
         auto gbuf = at::empty({chunk * n}, R.options());
         auto xbuf = at::empty({chunk * n}, R.options());
         auto out = at::empty({nb, chunk, b}, R.options());

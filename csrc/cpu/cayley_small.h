@@ -25,7 +25,8 @@ namespace small {
 //   d = 64, batch 1:     82-154 µs  (old 205-338 µs, solve 189-348)      77-152 µs  (old 178-255, solve 134-217)
 //   d = 64, batch 64:    5.9-8.1 ms (old 11.3-21.0 ms, solve 11.4-17.8)  6.1-8.9 ms (old 10.2-15.1, solve 7.4-9.9)
 //   above, batch 1:      d = 80: 419-451 µs against old 331-386 µs; d = 128: 1.0-1.6 ms against 0.92-0.96 ms.
-// (The second core was busy with other jobs during these runs: 2 threads gained little for any kernel.)
+// (The 2-thread column is one thread's work: until setup.py compiled with -fopenmp, at::parallel_for in
+// this extension ran serially. Now the batch is split across threads: [2048, 32, 32] uses 2.0 cores of 2.)
 constexpr int64_t kCayleyD = 64;
 inline bool use_for_cayley(int64_t d) { return d <= kCayleyD; }
 

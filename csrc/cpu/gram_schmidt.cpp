@@ -34,7 +34,9 @@
 //     BCGS2, Householder panels, block 64 / 128           4.7 / 5.0   3.2e-7 / 3.5e-7  0.9e-6 / 1.9e-6
 //     CholQR2, float64 first Gram + Cholesky              7.3         3.0e-7           1.6e-6
 //     CholQR2, float64 Grams in both passes               8.8         1.5e-7           1.6e-6
-//   LAPACK QR from 1 to 2 threads: 1.41x (b = 1), 1.52x (b = 5), bmm 1.65-1.88x: hence matrices per thread.
+//   LAPACK QR from 1 to 2 threads: 1.41x (b = 1), 1.52x (b = 5), bmm 1.65-1.88x: hence matrices per thread
+//   (for_each_matrix; effective only since the build has -fopenmp, 2026-12-07: before, at::parallel_for in
+//   this extension ran serially and each LAPACK call threaded inside).
 //   backward parts, 1 thread, one 576² matrix, in units of one 576² mm: A = QᵀG 1.0, triu(QᵀP) 0.79,
 //   panel solve 0.89 (full solve 0.90: the panels save flops, not time, at this size), Q X 0.74.
 //   This kernel vs torch (torch.linalg.qr + sign fix, forward under no_grad; fwd+bwd by autograd):

@@ -37,8 +37,9 @@ namespace small {
 //             d = 64, batch 1:    156-217 µs (old 165-279 µs); batch 64: 11.6-13.8 ms (old 8.8-15.1: a tie)
 //             tall 128×16: 44-73 µs (old 84-157); 100×40: 157-209 (old 164-200)
 //             above: 80×80 274-380 µs (old 230-317)
-// With 2 threads (the second core busy with other jobs): forward d = 27 14-30 µs, batch 128 of d = 32
-// 1.8-3.6 ms (qr 2.9-5.2 ms); backward d = 27 20-26 µs (old 130-146), batch 128 of d = 32 2.4-3.4 ms (old 7.9-14.1).
+// "2 threads" (at::parallel_for then ran serially: no -fopenmp until 2026-12-07): forward d = 27 14-30 µs,
+// batch 128 of d = 32 1.8-3.6 ms (qr 2.9-5.2 ms); backward d = 27 20-26 µs (old 130-146), batch 128 of
+// d = 32 2.4-3.4 ms (old 7.9-14.1).
 constexpr int64_t kMaxEntries = 64 * 64;
 inline bool use_for_gram_schmidt(int64_t m, int64_t n) { return m * n <= kMaxEntries; }
 
