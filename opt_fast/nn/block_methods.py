@@ -62,27 +62,29 @@ def triu_flat_index(b: int, device) -> Tensor:
     return _TRIU_CACHE[key]
 
 
+def _upper_blocks(U: Tensor, b: int) -> Tensor:
+    """[nb, b(b−1)/2] strictly-upper entries -> [nb, b, b] blocks holding them, zeros elsewhere."""
+    return U.new_zeros(U.shape[0], b * b).index_copy(1, triu_flat_index(b, U.device), U).view(-1, b, b)
+
+
 def skew_from_packed(U: Tensor, b: int) -> Tensor:
     """[nb, b(b−1)/2] strictly-upper entries -> [nb, b, b] skew blocks S = U − Uᵀ (differentiable)."""
-    nb = U.shape[0]
-    flat = U.new_zeros(nb, b * b).index_copy(1, triu_flat_index(b, U.device), U)
-    S = flat.view(nb, b, b)
-    return S - S.mT
+    F = _upper_blocks(U, b)
+    return F - F.mT
 
 
 def _doubled_upper(U: Tensor, b: int) -> Tensor:
     """[nb, b, b] blocks holding 2U on the strict upper triangle and zeros elsewhere: the op's skew part of
     it, (X − Xᵀ)/2, is S = U − Uᵀ itself, so S is never formed (one pass fewer each way)."""
-    nb = U.shape[0]
-    return U.new_zeros(nb, b * b).index_copy(1, triu_flat_index(b, U.device), U * 2).view(nb, b, b)
+    return _upper_blocks(U * 2, b)
 
 
 class _PackedNeumann(torch.autograd.Function):
     """U [nb, b(b−1)/2] -> R = cayley_neumann(S, terms), S = U − Uᵀ, keeping only U for backward.
 
     Through plain autograd the map would hold S, the powers of S and (by block_apply) R: three or four
-    b × b stacks per side, 12.5% of a 2048-token activation each at b = 256. Here the backward rebuilds S
-    and the powers (⌊terms/2⌋ more block products, at least one: two at terms = 5), so a layer's saved
+    b × b stacks per side, 12.5% of a 2048-token activation each at b = 256. Here the backward rebuilds the
+    blocks and the powers (⌊terms/2⌋ more block products, at least one: two at terms = 5), so a layer's saved
     memory is its activations and R."""
 
     @staticmethod
