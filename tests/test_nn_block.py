@@ -345,12 +345,15 @@ def test_changed_terms_reach_the_grouped_forward():
     torch.testing.assert_close(model(x), want)  # model(x): the grouped forward
 
 
-def _saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves for backward while fn() runs."""
+def _saved_bytes(fn, exclude=()):
+    """Bytes of the distinct storages autograd saves for backward while fn() runs, not counting those of the
+    tensors in ``exclude``."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
     seen = {}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in own:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -364,19 +367,10 @@ def test_default_saves_activations_and_rotations_only():
     its parameter gradients equal those of the map through plain autograd."""
     layer = OPTBlockLinear(40, 24, block_size=8, sides="both", dtype=F64)
     train(nn.Sequential(layer))
-    own = {t.untyped_storage().data_ptr() for t in list(layer.parameters()) + list(layer.buffers())}
     x = torch.randn(16, 40, dtype=F64, requires_grad=True)
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = layer(x)
+    out, nbytes = _saved_bytes(lambda: layer(x), exclude=list(layer.parameters()) + list(layer.buffers()))
     n_in, n_out = 40 // 8, 24 // 8
-    assert sum(seen.values()) == 8 * (16 * 40 + 16 * 24 + (n_in + n_out) * 8 * 8)
+    assert nbytes == 8 * (16 * 40 + 16 * 24 + (n_in + n_out) * 8 * 8)
     grads = torch.autograd.grad(out.square().sum(), [layer.in_blocks, layer.out_blocks])
     S_in, S_out = (skew_from_packed(P, 8) for P in (layer.in_blocks, layer.out_blocks))
     ref = functional.block_apply(functional.cayley_neumann(S_out, layer.terms),
