@@ -1,12 +1,13 @@
 """Does FSDP2 (torch.distributed.fsdp.fully_shard) train an OPT-converted Llama on gloo (CPU)?
 
-    torchrun --nproc_per_node 2 scripts/lm_fsdp_probe.py [--per-layer] [--ungroup] [--method cayley_neumann]
+    torchrun --nproc_per_node 2 scripts/lm_fsdp_probe.py [--per-layer] [--ungroup] [--shard-w0] [--method ...]
 
 Builds llama-tiny (random tokens, no corpus needed), converts its projections (sides both, b = 32),
 shards it with fully_shard (the root only, or each decoder layer and the root), trains a few AdamW steps
 on the same global batch as one process would, with a merge_and_reset (of both) half way, and prints
 each step's loss next to the single-process loss computed by every rank on an unsharded copy. Exits 1
-when they differ by more than 1e-4 relative (tests/test_lm.py runs it).
+when they differ by more than 1e-4 relative (tests/test_lm.py runs it). --shard-w0 calls
+opt_fast.nn.prepare_fsdp first, and checks that every W0 is then a shard (its local part 1/world of it).
 """
 import argparse
 import copy
@@ -22,6 +23,7 @@ def main():
     p.add_argument("--method", default="cayley_neumann")
     p.add_argument("--per-layer", action="store_true", help="fully_shard each decoder layer, then the root")
     p.add_argument("--ungroup", action="store_true", help="remove the grouped block calls (one call per layer)")
+    p.add_argument("--shard-w0", action="store_true", help="prepare_fsdp: W0 a frozen parameter, sharded too")
     p.add_argument("--steps", type=int, default=6)
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -29,17 +31,26 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     from torch.distributed.fsdp import fully_shard
 
-    from opt_fast.nn import merge_and_reset, ungroup
+    from opt_fast.nn import OPTBlockLinear, merge_and_reset, prepare_fsdp, ungroup
     from opt_fast.train.lm.model import build_llama, convert_projections
     model = convert_projections(build_llama("llama-tiny", 512, 64, seed=0), a.method, 32, "both",
                                 keep_weights=True, seed=0)
     if a.ungroup:
         ungroup(model)
     ref = copy.deepcopy(model)
+    if a.shard_w0:
+        prepare_fsdp(model)
     if a.per_layer:
         for layer in model.model.layers:
             fully_shard(layer)
     fully_shard(model)
+    if a.shard_w0:
+        from torch.distributed.tensor import DTensor
+        for m in model.modules():
+            if isinstance(m, OPTBlockLinear):
+                W0 = m.W0
+                if not (isinstance(W0, DTensor) and W0.to_local().numel() * world == W0.numel()):
+                    raise SystemExit(f"rank {rank}: W0 of {m} is not sharded in {world}: {type(W0).__name__}")
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=5e-3)
     ref_opt = torch.optim.AdamW([q for q in ref.parameters() if q.requires_grad], lr=5e-3)
     g = torch.Generator().manual_seed(0)

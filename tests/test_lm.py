@@ -129,10 +129,13 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, cache):
 
 
 # ---- FSDP2: each decoder layer and the root sharded, 2 gloo processes = 1 process, across a merge ----------------
-def test_fsdp2_per_layer_with_merge_matches_one_process(tmp_path):
+@pytest.mark.parametrize("options", [["--per-layer"], ["--per-layer", "--shard-w0"]], ids=["w0-whole", "w0-sharded"])
+def test_fsdp2_per_layer_with_merge_matches_one_process(tmp_path, options):
+    """W0 a buffer (whole on every rank) or, after prepare_fsdp, a frozen parameter sharded by fully_shard
+    (the probe checks each rank holds 1/2 of every W0, and the merge re-shards the merged weight)."""
     probe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "lm_fsdp_probe.py")
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                        "--master_port", str(_free_port()), probe, "--per-layer", "--steps", "4"],
+                        "--master_port", str(_free_port()), probe, *options, "--steps", "4"],
                        capture_output=True, text=True, cwd=str(tmp_path), timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

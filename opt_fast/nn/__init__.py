@@ -8,7 +8,7 @@
     opt_fast.nn.merge_and_reset(model, optimizer)               # every T steps (or MergeSchedule)
 """
 from .attention import OPTMultiheadAttention
-from .block import OPTBlockLinear
+from .block import OPTBlockLinear, prepare_fsdp
 from .block_methods import BLOCK_METHODS
 from .convert import convert, merge
 from .group import BlockGroup, Grouping, LayerGroup, group_layers, ungroup
@@ -19,4 +19,4 @@ from .regularization import orth_reg_loss
 
 __all__ = ["OPTLayer", "OPTLinear", "OPTConv1d", "OPTConv2d", "OPTMultiheadAttention", "OPTBlockLinear", "convert",
            "merge", "merge_and_reset", "MergeSchedule", "group_layers", "ungroup", "Grouping", "LayerGroup",
-           "BlockGroup", "resample", "orth_reg_loss", "METHODS", "INITS", "BLOCK_METHODS"]
+           "BlockGroup", "prepare_fsdp", "resample", "orth_reg_loss", "METHODS", "INITS", "BLOCK_METHODS"]

@@ -17,8 +17,11 @@ so a one-sided layer costs about 2 GEMMs + small block products against nn.Linea
 * ``merge_and_reset`` (merging.py) folds the rotations into W0, resets them to I and draws new
   permutations; the output does not change.
 * Parameters: ``in_blocks`` / ``out_blocks`` (layout per method, block_methods.py), always starting at
-  R = I. They stay float32 when the model is cast to float16/bfloat16 (``model.to(torch.bfloat16)``
-  casts W0, the bias and the activations; the maps need float32 to stay orthogonal).
+  R = I. They stay float32 (become float32, from float64) when the model is cast to float16/bfloat16
+  (``model.to(torch.bfloat16)`` casts W0, the bias and the activations; the maps need float32 to stay
+  orthogonal).
+* W0 is a buffer; ``frozen_weight_as_parameter()`` (``prepare_fsdp`` below, for a model) makes it a
+  parameter with requires_grad=False, so that FSDP2, which shards parameters and not buffers, shards it.
 * recompute=True saves only the input for backward and recomputes the rest there (the maps, and the inner
   activation W0 R_inᵀ x: one more frozen GEMM per backward), the memory of a plain nn.Linear. Its maps
   are computed per layer, not in the group's batched call.
@@ -158,7 +161,7 @@ class OPTBlockLinear(nn.Module):
     def effective_weight(self, W0: Optional[Tensor] = None) -> Tensor:
         """W = R_out W0 R_inᵀ ([out, in], in W0's dtype), for merging and inspection."""
         R_in, R_out = self._rotations()
-        W = self.W0 if W0 is None else W0
+        W = _full(self.W0) if W0 is None else W0
         if R_in is not None:   # rows of W0 rotated: (W0 R_inᵀ)_i = (R_in w_i)ᵀ
             W = functional.block_apply(R_in, W, self.in_perm)
         if R_out is not None:  # columns rotated
@@ -176,13 +179,20 @@ class OPTBlockLinear(nn.Module):
         raise AttributeError("opt_fast.nn: OPTBlockLinear.weight is the computed effective weight and cannot be "
                              "set; set .W0 (the frozen weight) or use opt_fast.nn.merge() for a plain nn.Linear")
 
+    def frozen_weight_as_parameter(self) -> None:
+        """Hold W0 as an nn.Parameter with requires_grad=False instead of a buffer (the same tensor, the same
+        state_dict key): FSDP2's fully_shard then shards it like a frozen base weight. Idempotent."""
+        if "W0" in self._buffers:
+            self.W0 = nn.Parameter(self._buffers.pop("W0"), requires_grad=False)
+
     # ---- merge ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge_and_reset(self, optimizer=None) -> None:
         """W0 <- R_out W0 R_inᵀ (computed in at least float32), rotations <- I, fresh permutations, and the
         optimizer state of the reset parameters cleared. The layer's output is unchanged up to rounding."""
-        W = self.effective_weight(self.W0.float() if self.W0.dtype in _HALF else self.W0)
-        self.W0.copy_(W)
+        W0 = _full(self.W0)   # a sharded W0 (frozen_weight_as_parameter under FSDP2) is gathered, then re-sharded
+        W = self.effective_weight(W0.float() if W0.dtype in _HALF else W0).to(W0.dtype)
+        self.W0.copy_(distribute_tensor(W, self.W0.device_mesh, self.W0.placements) if is_sharded(self.W0) else W)
         self.merges += 1
         for side in self.sides_used():
             P = getattr(self, f"{side}_blocks")
@@ -198,12 +208,12 @@ class OPTBlockLinear(nn.Module):
     # ---- dtype casts keep the orthogonal parameters float32 --------------------------------------------------
     def _apply(self, fn, recurse=True):
         keep = {name: p.detach().clone() for name, p in self._parameters.items()
-                if name.endswith("_blocks") and p is not None and p.dtype == torch.float32}
+                if name.endswith("_blocks") and p is not None and p.dtype in (torch.float32, torch.float64)}
         super()._apply(fn, recurse)
         for name, data in keep.items():
             p = self._parameters[name]
-            if p.dtype in _HALF:
-                p.data = data.to(p.device)
+            if p.dtype in _HALF:   # (a float64 model cast to a half type gets float32 blocks)
+                p.data = data.to(p.device, torch.float32)
         return self
 
     # ---- state_dict ---------------------------------------------------------------------------------------------
@@ -223,3 +233,15 @@ class OPTBlockLinear(nn.Module):
                 f"method={self.method.name!r}, block_size={self.block_size}, sides={self.sides!r}, "
                 f"permute={self.permute}" + (f", terms={self.terms}" if self.method.name == "cayley_neumann" else "")
                 + (", recompute=True" if self.recompute else ""))
+
+
+def prepare_fsdp(model: nn.Module) -> int:
+    """Make the frozen weight W0 of every OPTBlockLinear of ``model`` a parameter with requires_grad=False
+    (``frozen_weight_as_parameter``), so that FSDP2's ``fully_shard``, called after this, shards it as it
+    shards the rotations; returns how many layers. Without it W0 is a buffer, which FSDP2 keeps whole on
+    every rank. Call it before creating the optimizer (W0 is skipped by it either way: it has no gradient).
+    The state_dict is unchanged (same keys), so checkpoints load into either form."""
+    layers = [m for m in model.modules() if isinstance(m, OPTBlockLinear)]
+    for m in layers:
+        m.frozen_weight_as_parameter()
+    return len(layers)

@@ -69,7 +69,8 @@ def convert_projections(model: nn.Module, method: str, block_size: int, sides: s
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Parameters (trainable only, or all plus the frozen W0 of block layers: the model's size)."""
     n = sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-    if not trainable_only:
+    if not trainable_only:   # W0 is a buffer (a parameter, counted above, after prepare_fsdp)
         from opt_fast.nn import OPTBlockLinear
-        n += sum(m.W0.numel() for m in model.modules() if isinstance(m, OPTBlockLinear))
+        n += sum(m.W0.numel() for m in model.modules()
+                 if isinstance(m, OPTBlockLinear) and not isinstance(m.W0, nn.Parameter))
     return n
