@@ -12,7 +12,7 @@ so a one-sided layer costs about 2 GEMMs + small block products against nn.Linea
 * sides: "in" (R_out = I: PEFT OFT's input rotation; with keep_weights it is orthogonal fine-tuning of a
   pretrained weight), "out" (R_in = I) or "both" (POET-style pretraining from a random W0).
 * Orthogonal R_in, R_out leave the singular values of W0 unchanged (exactly, for the exact maps).
-* A side of width n uses blocks of b = min(block_size, n); nb = n // b blocks cover nb·b coordinates and
+* A side of width n uses blocks of b = min(block_size, n) (none if n = 0); nb = n // b blocks cover nb·b coordinates and
   the other n − nb·b (perm[nb·b:]) are left as they are until the next merge draws a new permutation.
 * ``merge_and_reset`` (merging.py) folds the rotations into W0, resets them to I and draws new
   permutations; the output does not change.
@@ -97,7 +97,7 @@ class OPTBlockLinear(nn.Module):
                 self.register_parameter(f"{side}_blocks", None)
                 self.register_buffer(f"{side}_perm", None)
                 continue
-            b = min(block_size, n)
+            b = self.side_block(side)
             P = self.method.identity(n // b, b, dtype=param_dtype, device=W0.device, generator=self._generator(side))
             self.register_parameter(f"{side}_blocks", nn.Parameter(P))
             self.register_buffer(f"{side}_perm", self._draw_perm(side) if permute else None)
@@ -111,7 +111,8 @@ class OPTBlockLinear(nn.Module):
     # ---- structure --------------------------------------------------------------------------------------
     def side_block(self, side: str) -> int:
         """b of one side (the block size, or the side's width if that is smaller)."""
-        return min(self.block_size, self.in_features if side == "in" else self.out_features)
+        n = self.in_features if side == "in" else self.out_features
+        return max(1, min(self.block_size, n))   # (a side of width 0 has no blocks: nb = 0)
 
     def _generator(self, side: str, stream: int = 0) -> torch.Generator:
         """A CPU generator determined by the layer's seed, its merge count and the side: what every random

@@ -100,7 +100,7 @@ class _PackedNeumann(torch.autograd.Function):
     def backward(ctx, grad_R):
         U, = ctx.saved_tensors
         grad_X = _ops.cayley_neumann_backward(grad_R, _doubled_upper(U, ctx.b), ctx.terms)
-        flat = grad_X.reshape(grad_X.shape[0], -1)   # X's upper entries are 2U
+        flat = grad_X.reshape(grad_X.shape[0], ctx.b * ctx.b)   # X's upper entries are 2U
         return flat.index_select(1, triu_flat_index(ctx.b, U.device)) * 2, None, None
 
 
