@@ -12,8 +12,9 @@ so a one-sided layer costs about 2 GEMMs + small block products against nn.Linea
 * sides: "in" (R_out = I: PEFT OFT's input rotation; with keep_weights it is orthogonal fine-tuning of a
   pretrained weight), "out" (R_in = I) or "both" (POET-style pretraining from a random W0).
 * Orthogonal R_in, R_out leave the singular values of W0 unchanged (exactly, for the exact maps).
-* A side of width n uses blocks of b = min(block_size, n) (none if n = 0); nb = n // b blocks cover nb·b coordinates and
-  the other n − nb·b (perm[nb·b:]) are left as they are until the next merge draws a new permutation.
+* A side of width n uses blocks of b = min(block_size, n) (none if n = 0); nb = n // b blocks cover nb·b
+  coordinates and the other n − nb·b (perm[nb·b:]) are left as they are until the next merge draws a new
+  permutation.
 * ``merge_and_reset`` (merging.py) folds the rotations into W0, resets them to I and draws new
   permutations; the output does not change.
 * Parameters: ``in_blocks`` / ``out_blocks`` (layout per method, block_methods.py), always starting at
