@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import functional
 from .block_methods import BlockMap, get_block_method
+from .checkpointing import maps_saved_as_they_are
 
 SIDES = ("in", "out", "both")
 _HALF = (torch.float16, torch.bfloat16)
@@ -135,7 +136,9 @@ class OPTBlockLinear(nn.Module):
         slot = self._opt_block_slots.get(side)
         if slot is not None and slot[0].usable():
             return slot[0].result(slot[1])
-        return self.method.rotation(_full(getattr(self, f"{side}_blocks")), self.side_block(side), self.terms)
+        P = _full(getattr(self, f"{side}_blocks"))
+        with maps_saved_as_they_are():   # (a checkpoint recomputing this layer: checkpointing.py)
+            return self.method.rotation(P, self.side_block(side), self.terms)
 
     def _rotations(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         return tuple(self.block_rotation(s) if _uses(self.sides, s) else None for s in ("in", "out"))

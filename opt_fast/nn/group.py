@@ -11,7 +11,9 @@ How the single call is guaranteed:
   one view per layer; the other layers take theirs from the cache. Each forward of the model therefore
   recomputes exactly once, and the graph of one forward is never reused by another.
 * Outside a session (a layer or a submodule called on its own, checkpoint recomputation) a layer
-  computes its R with a call of its own, so results never go stale.
+  computes its R with a call of its own, so results never go stale. The maps' saved tensors bypass any
+  enclosing saved-tensor hooks, so that a non-reentrant checkpoint's recomputation (one call per layer)
+  saves what its forward (the group's call, or none) did: checkpointing.py.
 
 All state is plain Python attributes mutated in the hooks, which torch.compile(fullgraph=True) traces
 as side effects; the groups are not nn.Modules, so the state_dict is unchanged.
@@ -23,7 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from .block import OPTBlockLinear, is_sharded
+from .checkpointing import maps_saved_as_they_are
 from .layers import OPTLayer
+
+
+def _stale(group) -> bool:
+    """No cached result, or one computed without autograd while a gradient is now needed (a reentrant
+    checkpoint runs its forward under no_grad: a layer after it must not take that result)."""
+    return group._cache is None or (torch.is_grad_enabled() and not group._cache_grad)
 
 
 def _group_key(layer: OPTLayer) -> Tuple:
@@ -40,15 +49,16 @@ class LayerGroup:
         self.method = layers[0].method
         self.direct = layers[0].direct
         self.active = False
-        self._cache = None
+        self._cache, self._cache_grad = None, False
         self.grouping = None  # the Grouping that owns this group
 
     def result(self, index: int) -> Tensor:
-        if self._cache is None:
+        if _stale(self):
             # unbind, not indexing per layer: one UnbindBackward stacks the layers' gradients, where B
             # SelectBackwards would each zero-fill a [B, d, d] tensor and autograd would then sum B of them
             # (this backward at [5, 576, 576], measured: 11.6 ms indexed, 7.0 ms unbound)
-            self._cache = self.compute().unbind(0)
+            with maps_saved_as_they_are():
+                self._cache, self._cache_grad = self.compute().unbind(0), torch.is_grad_enabled()
         return self._cache[index]
 
     def compute(self) -> Tensor:
@@ -86,7 +96,7 @@ class BlockGroup:
         layer, side = slots[0]
         self.method, self.b = layer.method, layer.side_block(side)
         self.active = False
-        self._cache = None
+        self._cache, self._cache_grad = None, False
         self._usable = None
         self.grouping = None
 
@@ -101,8 +111,9 @@ class BlockGroup:
         return self._usable
 
     def result(self, index: int) -> Tensor:
-        if self._cache is None:
-            self._cache = self.compute().split(self._sizes, 0)
+        if _stale(self):
+            with maps_saved_as_they_are():
+                self._cache, self._cache_grad = self.compute().split(self._sizes, 0), torch.is_grad_enabled()
         return self._cache[index]
 
     def compute(self) -> Tensor:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair, _single
 
 from . import stochastic as _stoch
+from .checkpointing import maps_saved_as_they_are
 from .methods import METHODS, Method, get_method, normalize_init
 
 
@@ -89,6 +90,10 @@ class OPTLayer(nn.Module):
         g = self._opt_group
         if g is not None and g.active:
             return g.result(self._opt_group_index)
+        with maps_saved_as_they_are():   # (a checkpoint recomputing this layer: checkpointing.py)
+            return self._own_core()
+
+    def _own_core(self) -> Tensor:
         P = self.learnable
         if self.direct:
             return self.method.apply(P, self._V0())
