@@ -6,6 +6,7 @@
    kernel is used whenever one is registered; the backward ops are differentiable too (double backward)
    through the vector-Jacobian product of their reference, which is written in differentiable torch ops;
    forward-mode AD (a tangent on an input) takes its derivatives from the references too (_forward_ad.py);
+   under torch.autocast every op runs as called, with autocast off inside (3b);
 4. the C++ extension ``opt_fast._C`` (CPU, and CUDA when built), unless ``OPT_FAST_DISABLE_EXT=1``;
 5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``),
    and functional.orthogonalize_approx's Triton kernel (``_backends.triton_approx``).
@@ -18,7 +19,7 @@ import warnings
 import torch
 
 from . import _backends, _checks, _forward_ad, _triton_glue
-from ._ops import lib
+from ._ops import SCHEMAS, lib
 from .reference import REFERENCE_KERNELS
 
 log = logging.getLogger("opt_fast")
@@ -285,6 +286,25 @@ def _register_double_backward(op):
 for _name in REFERENCE_KERNELS:
     if _name.endswith("_backward"):
         _register_double_backward(_name)
+
+
+# ---- 3b. autocast ---------------------------------------------------------------------------------
+# Under torch.autocast every op runs as called, with autocast off inside: the maps need float32 (or
+# float64) to stay orthogonal, and block_apply already takes half activations with float32 blocks.
+# Without an Autocast kernel, autocast falls through to the kernels and then casts the matmuls *inside*
+# them (a wrong-dtype error against the kernels' float32 buffers, or a bfloat16 map).
+def _autocast_off(name, device_type):
+    op = getattr(torch.ops.opt_fast, name).default
+
+    def kernel(*args, **kwargs):
+        with torch.autocast(device_type, enabled=False):
+            return op(*args, **kwargs)
+    return kernel
+
+
+for _name in SCHEMAS:
+    for _key, _device in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
+        lib.impl(_name, _autocast_off(_name, _device), _key)
 
 
 # ---- 4. the C++ extension ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import functional
+from . import extra_state
 from .block_methods import BlockMap, get_block_method
 from .checkpointing import maps_saved_as_they_are
 
@@ -149,7 +150,8 @@ class OPTBlockLinear(nn.Module):
         if R_out is None:
             return F.linear(x, self.W0, self.bias)
         y = functional.block_apply(R_out, F.linear(x, self.W0), self.out_perm)
-        return y if self.bias is None else y + self.bias
+        # in y's dtype, as F.linear adds it (under autocast y is the half GEMM's dtype, the bias float32)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _recomputed(self, x: Tensor, P_in: Optional[Tensor], P_out: Optional[Tensor]) -> Tensor:
         def rotation(side, P):
@@ -222,12 +224,15 @@ class OPTBlockLinear(nn.Module):
         return self
 
     # ---- state_dict ---------------------------------------------------------------------------------------------
-    def get_extra_state(self):
+    def _settings(self):
         return {"method": self.method.name, "block_size": self.block_size, "sides": self.sides,
                 "terms": self.terms, "permute": self.permute}
 
+    def get_extra_state(self):
+        return extra_state.encode(self._settings())
+
     def set_extra_state(self, state):
-        mine = self.get_extra_state()
+        state, mine = extra_state.decode(state), self._settings()
         diff = {k: (state.get(k), v) for k, v in mine.items() if k != "terms" and state.get(k) != v}
         if diff:
             raise ValueError("opt_fast.nn: state_dict was saved from an OPTBlockLinear with other settings: "

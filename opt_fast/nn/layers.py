@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair, _single
 
+from . import extra_state
 from . import stochastic as _stoch
 from .checkpointing import maps_saved_as_they_are
 from .methods import METHODS, Method, get_method, normalize_init
@@ -193,9 +194,10 @@ class OPTLayer(nn.Module):
 
     # ---- state_dict ---------------------------------------------------------------------------------------
     def get_extra_state(self):
-        return {"method": self.method.name, "stochastic": self.stochastic}
+        return extra_state.encode({"method": self.method.name, "stochastic": self.stochastic})
 
     def set_extra_state(self, state):
+        state = extra_state.decode(state)
         if state.get("method") != self.method.name:
             raise ValueError(f"opt_fast.nn: state_dict was saved from an OPT layer with method "
                              f"{state.get('method')!r}, but this {type(self).__name__} uses {self.method.name!r}")
