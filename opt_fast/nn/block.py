@@ -90,9 +90,9 @@ class OPTBlockLinear(nn.Module):
         self.block_size, self.sides, self.permute, self.terms = block_size, sides, permute, terms
         self.recompute = recompute
         W0 = torch.empty(out_features, in_features, **factory)
-        self.register_buffer("W0", W0.normal_(0.0, 1.0 / math.sqrt(max(in_features, 1))))
+        self.register_buffer("W0", W0)
         # per-layer seed of the permutations (drawn from the global RNG, so seeded runs and DDP ranks agree)
-        self.register_buffer("perm_seed", torch.randint(0, 2**62, (1,)).to(W0.device))
+        self.register_buffer("perm_seed", torch.zeros(1, dtype=torch.int64, device=W0.device))
         self.register_buffer("merges", torch.zeros((), dtype=torch.int64, device=W0.device))
         param_dtype = torch.float32 if W0.dtype in _HALF else W0.dtype
         for side, n in (("in", in_features), ("out", out_features)):
@@ -100,16 +100,39 @@ class OPTBlockLinear(nn.Module):
                 self.register_parameter(f"{side}_blocks", None)
                 self.register_buffer(f"{side}_perm", None)
                 continue
-            b = self.side_block(side)
-            P = self.method.identity(n // b, b, dtype=param_dtype, device=W0.device, generator=self._generator(side))
-            self.register_parameter(f"{side}_blocks", nn.Parameter(P))
-            self.register_buffer(f"{side}_perm", self._draw_perm(side) if permute else None)
+            shape = self.method.shape(n // self.side_block(side), self.side_block(side))
+            self.register_parameter(f"{side}_blocks", nn.Parameter(torch.empty(shape, dtype=param_dtype,
+                                                                               device=W0.device)))
+            self.register_buffer(f"{side}_perm", torch.empty(n, dtype=torch.int64, device=W0.device)
+                                 if permute else None)
         if bias:
-            bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
-            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
         self._opt_block_slots = {}  # side -> (BlockGroup, index), set by group.group_layers
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw what construction draws: W0 ~ N(0, 1/in), the bias as nn.Linear's, a new permutation seed
+        (from the global RNG), R = I, no merges and the permutations of that seed. On a meta device only
+        the shapes exist: after ``to_empty`` (FSDP2's recipe for models built on the meta device) call this
+        to initialise. It replaces a W0 taken from a pretrained weight (convert(keep_weights=True))."""
+        in_features = self.in_features
+        self.W0.normal_(0.0, 1.0 / math.sqrt(max(in_features, 1)))
+        seed = torch.randint(0, 2**62, (1,))   # on the CPU: its value is needed now, whatever the device
+        self.perm_seed.copy_(seed)
+        self.merges.zero_()
+        for side in self.sides_used():
+            P = getattr(self, f"{side}_blocks")
+            b = self.side_block(side)
+            P.copy_(self.method.identity(P.shape[0], b, dtype=P.dtype, device="cpu",
+                                         generator=self._generator(side, seed=int(seed))))
+            if self.permute:
+                getattr(self, f"{side}_perm").copy_(self._draw_perm(side, seed=int(seed)))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
+            self.bias.uniform_(-bound, bound)
 
     # ---- structure --------------------------------------------------------------------------------------
     def side_block(self, side: str) -> int:
@@ -117,15 +140,18 @@ class OPTBlockLinear(nn.Module):
         n = self.in_features if side == "in" else self.out_features
         return max(1, min(self.block_size, n))   # (a side of width 0 has no blocks: nb = 0)
 
-    def _generator(self, side: str, stream: int = 0) -> torch.Generator:
+    def _generator(self, side: str, stream: int = 0, seed: Optional[int] = None) -> torch.Generator:
         """A CPU generator determined by the layer's seed, its merge count and the side: what every random
-        draw of a reset uses (permutations, Householder's reflector pairs), identical on every DDP rank."""
-        seed = (int(self.perm_seed) * 1_000_003 + 4 * int(self.merges) + 2 * (side == "out") + stream)
-        return torch.Generator().manual_seed(seed % (2**63 - 1))
+        draw of a reset uses (permutations, Householder's reflector pairs), identical on every DDP rank.
+        (``seed``: the seed's value, given where the buffer cannot be read: on the meta device.)"""
+        seed = int(self.perm_seed) if seed is None else seed
+        merges = 0 if self.merges.is_meta else int(self.merges)
+        return torch.Generator().manual_seed((seed * 1_000_003 + 4 * merges + 2 * (side == "out") + stream)
+                                             % (2**63 - 1))
 
-    def _draw_perm(self, side: str) -> Tensor:
+    def _draw_perm(self, side: str, seed: Optional[int] = None) -> Tensor:
         n = self.in_features if side == "in" else self.out_features
-        return torch.randperm(n, generator=self._generator(side, stream=1)).to(self.W0.device)
+        return torch.randperm(n, generator=self._generator(side, stream=1, seed=seed)).to(self.W0.device)
 
     def sides_used(self) -> Tuple[str, ...]:
         return tuple(s for s in ("in", "out") if _uses(self.sides, s))
