@@ -69,3 +69,28 @@ def test_converted_model_trains_under_autocast(method, kw):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.dtype == F32 and torch.isfinite(p.grad).all(), n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast"])
+def test_compiled_block_model_called_before_any_eager_call(autocast):
+    """torch.compile(fullgraph=True) of a fresh converted model, its first call compiled (no index cached by
+    an eager call yet), also under autocast: the eager model's output."""
+    import contextlib
+    import warnings
+
+    from opt_fast.nn import block_methods
+    block_methods._TRIU_CACHE.clear()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = convert(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 8)), method="cayley_neumann",
+                    block_size=4, sides="both")
+    x = torch.randn(6, 12)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch._inductor.config.patch(compile_threads=1), warnings.catch_warnings(), ctx:
+        warnings.simplefilter("ignore")
+        out = torch.compile(model, fullgraph=True)(x)
+        ref = model(x)
+    torch._dynamo.reset()
+    tol = 1e-2 if autocast else 1e-5
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)

@@ -54,12 +54,17 @@ _TRIU_CACHE: Dict[Tuple[int, str], Tensor] = {}
 
 
 def triu_flat_index(b: int, device) -> Tensor:
-    """Flat indices (row·b + col) of the strictly upper triangle, in torch.triu_indices order."""
+    """Flat indices (row·b + col) of the strictly upper triangle, in torch.triu_indices order. Cached, but
+    not while torch.compile traces: a tensor made inside a traced autograd.Function and kept in a global
+    is an error there (a compiled model called before any eager call)."""
     key = (b, str(device))
-    if key not in _TRIU_CACHE:
-        rows, cols = torch.triu_indices(b, b, 1)
-        _TRIU_CACHE[key] = (rows * b + cols).to(device)
-    return _TRIU_CACHE[key]
+    if key in _TRIU_CACHE:
+        return _TRIU_CACHE[key]
+    rows, cols = torch.triu_indices(b, b, 1, device=device)
+    index = rows * b + cols
+    if not torch.compiler.is_compiling():
+        _TRIU_CACHE[key] = index
+    return index
 
 
 def _upper_blocks(U: Tensor, b: int) -> Tensor:
