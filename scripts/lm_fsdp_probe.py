@@ -1,6 +1,6 @@
 """Does FSDP2 (torch.distributed.fsdp.fully_shard) train an OPT-converted Llama on gloo (CPU)?
 
-    torchrun --nproc_per_node 2 scripts/lm_fsdp_probe.py [--per-layer] [--ungroup] [--shard-w0] [--method ...]
+    torchrun --nproc_per_node 2 scripts/lm_fsdp_probe.py [--per-layer] [--ungroup] [--shard-w0] [--reset] [--method ...]
 
 Builds llama-tiny (random tokens, no corpus needed), converts its projections (sides both, b = 32),
 shards it with fully_shard (the root only, or each decoder layer and the root), trains a few AdamW steps
@@ -8,6 +8,8 @@ on the same global batch as one process would, with a merge_and_reset (of both) 
 each step's loss next to the single-process loss computed by every rank on an unsharded copy. Exits 1
 when they differ by more than 1e-4 relative (tests/test_lm.py runs it). --shard-w0 calls
 opt_fast.nn.prepare_fsdp first, and checks that every W0 is then a shard (its local part 1/world of it).
+--reset re-initialises every block layer (reset_parameters, seeded) after sharding, and the unsharded copy
+alike: the sharded draw must give the same values.
 """
 import argparse
 import copy
@@ -24,6 +26,7 @@ def main():
     p.add_argument("--per-layer", action="store_true", help="fully_shard each decoder layer, then the root")
     p.add_argument("--ungroup", action="store_true", help="remove the grouped block calls (one call per layer)")
     p.add_argument("--shard-w0", action="store_true", help="prepare_fsdp: W0 a frozen parameter, sharded too")
+    p.add_argument("--reset", action="store_true", help="reset_parameters() of the block layers after sharding")
     p.add_argument("--steps", type=int, default=6)
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -51,6 +54,12 @@ def main():
                 W0 = m.W0
                 if not (isinstance(W0, DTensor) and W0.to_local().numel() * world == W0.numel()):
                     raise SystemExit(f"rank {rank}: W0 of {m} is not sharded in {world}: {type(W0).__name__}")
+    if a.reset:   # the same seeded draws on the sharded model and on its unsharded copy
+        for net in (model, ref):
+            torch.manual_seed(7)
+            for m in net.modules():
+                if isinstance(m, OPTBlockLinear):
+                    m.reset_parameters()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=5e-3)
     ref_opt = torch.optim.AdamW([q for q in ref.parameters() if q.requires_grad], lr=5e-3)
     g = torch.Generator().manual_seed(0)

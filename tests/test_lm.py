@@ -129,10 +129,12 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, cache):
 
 
 # ---- FSDP2: each decoder layer and the root sharded, 2 gloo processes = 1 process, across a merge ----------------
-@pytest.mark.parametrize("options", [["--per-layer"], ["--per-layer", "--shard-w0"]], ids=["w0-whole", "w0-sharded"])
+@pytest.mark.parametrize("options", [["--per-layer"], ["--per-layer", "--shard-w0", "--reset"]],
+                         ids=["w0-whole", "w0-sharded-reset"])
 def test_fsdp2_per_layer_with_merge_matches_one_process(tmp_path, options):
     """W0 a buffer (whole on every rank) or, after prepare_fsdp, a frozen parameter sharded by fully_shard
-    (the probe checks each rank holds 1/2 of every W0, and the merge re-shards the merged weight)."""
+    (the probe checks each rank holds 1/2 of every W0, and the merge re-shards the merged weight), there
+    with the block layers re-initialised after sharding (reset_parameters on shards = on the whole)."""
     probe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "lm_fsdp_probe.py")
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                         "--master_port", str(_free_port()), probe, *options, "--steps", "4"],

@@ -59,6 +59,20 @@ def _full(P: Tensor) -> Tensor:
     return P.full_tensor() if is_sharded(P) else P
 
 
+def _assign(P: Tensor, value: Tensor) -> None:
+    """P <- value (the whole tensor, identical on every rank); an FSDP2 shard takes its part of it."""
+    P.copy_(distribute_tensor(value.to(P.device), P.device_mesh, P.placements) if is_sharded(P) else value)
+
+
+def _redraw(P: Tensor, fill) -> None:
+    """fill(P) in place; an FSDP2 shard is drawn whole on every rank (the values of the unsharded layer
+    under the same seed), then takes its part."""
+    if is_sharded(P):
+        _assign(P, fill(torch.empty(P.shape, dtype=P.dtype, device=P.device)))
+    else:
+        fill(P)
+
+
 def _uses(sides: str, side: str) -> bool:
     return sides == "both" or sides == side
 
@@ -119,20 +133,21 @@ class OPTBlockLinear(nn.Module):
         the shapes exist: after ``to_empty`` (FSDP2's recipe for models built on the meta device) call this
         to initialise. It replaces a W0 taken from a pretrained weight (convert(keep_weights=True))."""
         in_features = self.in_features
-        self.W0.normal_(0.0, 1.0 / math.sqrt(max(in_features, 1)))
+        std = 1.0 / math.sqrt(max(in_features, 1))
+        _redraw(self.W0, lambda t: t.normal_(0.0, std))
         seed = torch.randint(0, 2**62, (1,))   # on the CPU: its value is needed now, whatever the device
         self.perm_seed.copy_(seed)
         self.merges.zero_()
         for side in self.sides_used():
             P = getattr(self, f"{side}_blocks")
             b = self.side_block(side)
-            P.copy_(self.method.identity(P.shape[0], b, dtype=P.dtype, device="cpu",
-                                         generator=self._generator(side, seed=int(seed))))
+            _assign(P, self.method.identity(P.shape[0], b, dtype=P.dtype, device="cpu",   # (a DTensor's shape
+                                            generator=self._generator(side, seed=int(seed))))   # is the whole)
             if self.permute:
                 getattr(self, f"{side}_perm").copy_(self._draw_perm(side, seed=int(seed)))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(in_features) if in_features > 0 else 0.0
-            self.bias.uniform_(-bound, bound)
+            _redraw(self.bias, lambda t: t.uniform_(-bound, bound))
 
     # ---- structure --------------------------------------------------------------------------------------
     def side_block(self, side: str) -> int:
@@ -225,14 +240,13 @@ class OPTBlockLinear(nn.Module):
         optimizer state of the reset parameters cleared. The layer's output is unchanged up to rounding."""
         W0 = _full(self.W0)   # a sharded W0 (frozen_weight_as_parameter under FSDP2) is gathered, then re-sharded
         W = self.effective_weight(W0.float() if W0.dtype in _HALF else W0).to(W0.dtype)
-        self.W0.copy_(distribute_tensor(W, self.W0.device_mesh, self.W0.placements) if is_sharded(self.W0) else W)
+        _assign(self.W0, W)
         self.merges += 1
         for side in self.sides_used():
             P = getattr(self, f"{side}_blocks")
             b = self.side_block(side)
             eye = self.method.identity(P.shape[0], b, dtype=P.dtype, device=P.device, generator=self._generator(side))
-            # an FSDP2 shard takes its part of the (identical on every rank) reset value
-            P.copy_(distribute_tensor(eye, P.device_mesh, P.placements) if is_sharded(P) else eye)
+            _assign(P, eye)   # (an FSDP2 shard takes its part of the reset value, identical on every rank)
             if optimizer is not None:
                 optimizer.state.pop(P, None)
             if self.permute:
