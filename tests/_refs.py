@@ -229,3 +229,16 @@ def triton_device() -> str:
     if INTERPRET:
         return "cpu"
     pytest.skip("needs TRITON_INTERPRET=1 (set before import; scripts/run_tests.sh stage 2) or a CUDA device")
+
+
+def block_llama(seed: int = 0):
+    """llama-tiny (vocab 128, context 32) with two-sided cayley_neumann block layers (b = 16) on every
+    projection, its rotations moved off the identity (needs transformers)."""
+    from opt_fast.train.lm.model import build_llama, convert_projections
+    model = convert_projections(build_llama("llama-tiny", 128, 32, seed=seed), "cayley_neumann", 16, "both",
+                                keep_weights=False, seed=seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("_blocks"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.01)
+    return model

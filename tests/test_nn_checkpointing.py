@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from _refs import block_llama
 from opt_fast.nn import convert
 
 F64 = torch.float64
@@ -62,13 +63,7 @@ def test_checkpointed_layers_get_the_gradients_of_the_plain_forward(method, bloc
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_hugging_face_gradient_checkpointing(reentrant):
     pytest.importorskip("transformers")
-    from opt_fast.train.lm.model import build_llama, convert_projections
-    model = convert_projections(build_llama("llama-tiny", 128, 32, seed=0), "cayley_neumann", 16, "both",
-                                keep_weights=False, seed=0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("_blocks"):
-                p.add_(torch.randn_like(p) * 0.01)
+    model = block_llama()
     ckpt = copy.deepcopy(model)
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     ids = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(0))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from _refs import block_llama
 from opt_fast.nn import convert
 
 
@@ -56,19 +57,12 @@ def test_other_settings_still_raise():
 def test_hugging_face_save_pretrained_of_a_converted_model(tmp_path):
     pytest.importorskip("transformers")
     safetensors = pytest.importorskip("safetensors.torch")
-    from opt_fast.train.lm.model import build_llama, convert_projections
-    model = convert_projections(build_llama("llama-tiny", 128, 32, seed=0), "cayley_neumann", 16, "both",
-                                keep_weights=False, seed=0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("_blocks"):
-                p.add_(torch.randn_like(p) * 0.01)
+    model = block_llama(seed=0)
     model.save_pretrained(str(tmp_path))
     sd = {}
     for f in sorted(tmp_path.glob("*.safetensors")):
         sd.update(safetensors.load_file(str(f)))
-    fresh = convert_projections(build_llama("llama-tiny", 128, 32, seed=1), "cayley_neumann", 16, "both",
-                                keep_weights=False, seed=1)
+    fresh = block_llama(seed=1)
     missing, unexpected = fresh.load_state_dict(sd, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)  # (tied to the embedding)
     ids = torch.randint(0, 128, (1, 9))
