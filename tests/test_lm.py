@@ -128,6 +128,21 @@ def test_ddp_two_gloo_processes_match_one(tmp_path, cache):
     assert "different W0" not in r.stderr
 
 
+# ---- --grad-checkpointing and --autocast bf16 -------------------------------------------------------------------
+def test_grad_checkpointing_and_autocast(cache):
+    """Gradient checkpointing changes nothing but memory (same losses); bf16 autocast trains close to float32
+    (a merge included: merge_every 2), its rotation parameters float32."""
+    kw = dict(method="cayley_neumann", steps=4, merge_every=2)
+    plain = train_lm(_cfg(cache, **kw))
+    ckpt = train_lm(_cfg(cache, grad_checkpointing=True, **kw))
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    bf16, model = train_lm(_cfg(cache, autocast="bf16", grad_checkpointing=True, **kw), return_model=True)
+    assert bf16["losses"] == pytest.approx(plain["losses"], rel=2e-2)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n.endswith("_blocks"))
+    with pytest.raises(SystemExit, match="--autocast must be bf16"):
+        train_lm(_cfg(cache, autocast="fp8", **kw))
+
+
 # ---- FSDP2: each decoder layer and the root sharded, 2 gloo processes = 1 process, across a merge ----------------
 @pytest.mark.parametrize("options", [["--per-layer"], ["--per-layer", "--shard-w0", "--reset"]],
                          ids=["w0-whole", "w0-sharded-reset"])

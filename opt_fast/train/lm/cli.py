@@ -60,6 +60,10 @@ def parser():
       "(default 0.1; 0 when fine-tuning)")
     a("--warmup", type=int, default=None, help="warmup steps (default 10%% of --steps); cosine to 10%% after")
     a("--clip", type=float, default=D.clip, help="global gradient-norm clip (0 = off)")
+    a("--autocast", default=D.autocast, help="bf16: forward passes under torch.autocast (bfloat16 GEMMs; the "
+      "rotations and their maps stay float32)")
+    a("--grad-checkpointing", action="store_true", help="recompute each decoder layer in backward (Hugging "
+      "Face's non-reentrant gradient checkpointing): less activation memory, one more forward")
     a("--eval-every", type=int, default=D.eval_every)
     a("--val-tokens", type=int, default=D.val_tokens)
     a("--seed", type=int, default=D.seed)

@@ -43,6 +43,8 @@ class LMConfig:
     weight_decay: Optional[float] = None  # default 0.1 (pretraining), 0 (fine-tuning)
     warmup: Optional[int] = None      # default: 10 % of --steps
     clip: float = 1.0
+    autocast: Optional[str] = None    # bf16: forward under torch.autocast (the rotations stay float32)
+    grad_checkpointing: bool = False  # recompute each decoder layer in backward (non-reentrant checkpoint)
     # evaluation and run control
     eval_every: int = 50
     val_tokens: int = 65536
@@ -105,5 +107,7 @@ def validate(cfg: LMConfig) -> None:
         fail("--lr and --opt-lr must be > 0, --weight-decay >= 0")
     if cfg.stop_after is not None and not 1 <= cfg.stop_after <= cfg.steps:
         fail(f"--stop-after must be in 1..--steps ({cfg.steps}), got {cfg.stop_after}")
+    if cfg.autocast not in (None, "bf16"):
+        fail(f"--autocast must be bf16, got {cfg.autocast!r}")
     if cfg.corpus_mb is not None and cfg.corpus_mb <= 0:
         fail("--corpus-mb must be > 0")

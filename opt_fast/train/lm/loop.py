@@ -14,6 +14,7 @@ on GPU; DDP runs with broadcast_buffers=False (W0 and the permutations change on
 rank computes identically from the same seeds; after each merge a fingerprint of those buffers is
 compared across ranks and a mismatch stops the run).
 """
+import contextlib
 import json
 import math
 import os
@@ -55,8 +56,15 @@ def _progress(step, steps, loss, tok_s, val, enabled):
     sys.stderr.flush()
 
 
+def autocast_context(autocast, device):
+    """torch.autocast for --autocast bf16 (the block layers' maps run in float32 inside it), else none."""
+    if autocast == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
-def evaluate(model, windows: data_mod.Windows, n_windows: int, batch: int, dist, device) -> float:
+def evaluate(model, windows: data_mod.Windows, n_windows: int, batch: int, dist, device, autocast=None) -> float:
     """Mean next-token loss over the first n_windows windows (rank r takes every world-th one)."""
     was = model.training
     model.eval()
@@ -64,7 +72,8 @@ def evaluate(model, windows: data_mod.Windows, n_windows: int, batch: int, dist,
     total = count = 0.0
     for i in range(0, len(mine), batch):
         x = windows.stack(mine[i:i + batch]).to(device)
-        logits = model(input_ids=x[:, :-1]).logits
+        with autocast_context(autocast, device):
+            logits = model(input_ids=x[:, :-1]).logits
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum"))
         count += x[:, 1:].numel()
     total, count = dist.all_sum([total, count], device)
@@ -199,6 +208,8 @@ def _train(cfg: LMConfig, dist, return_model: bool):
     else:
         model = ft.build_pretrain(cfg, corpus.vocab_size)
     model.to(device)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opts = optim_mod.build(model, cfg.optimizer, cfg.lr, cfg.opt_lr, cfg.weight_decay)
     scheds = optim_mod.schedule(opts, cfg.steps, cfg.warmup)
     merger = MergeSchedule(model, cfg.merge_every, opts[0]) if cfg.merge_every and block_layers(model) else None
@@ -246,7 +257,7 @@ def _train(cfg: LMConfig, dist, return_model: bool):
                          os.path.join(out, "checkpoint.pt"))
 
     def record(mark_time, mark_tokens, mark_losses):
-        val = evaluate(model, val_w, n_val, 2 * cfg.batch_size, dist, device)
+        val = evaluate(model, val_w, n_val, 2 * cfg.batch_size, dist, device, cfg.autocast)
         tokens = step * cfg.batch_size * cfg.seq_len
         dt = train_time - mark_time
         rec = {"step": step, "tokens": tokens, "train_time": train_time, "val_loss": val,
@@ -269,7 +280,8 @@ def _train(cfg: LMConfig, dist, return_model: bool):
     while step < last:
         t0 = time.perf_counter()
         x = train_w.train_batch(step, cfg.batch_size, cfg.seed, dist.rank, dist.world).to(device)
-        logits = net(input_ids=x[:, :-1]).logits
+        with autocast_context(cfg.autocast, device):
+            logits = net(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         for o in opts:
             o.zero_grad(set_to_none=True)
