@@ -1,4 +1,5 @@
-"""Block layers on degenerate widths: sides of width 0 (nn.Linear accepts them) and of width 1."""
+"""Block layers on degenerate widths (sides of width 0, which nn.Linear accepts, and of width 1), and a
+converted model converted again."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,3 +32,10 @@ def test_convert_a_model_with_a_zero_wide_layer():
     model[2](model[1](model[0](x))).sum().backward()
     assert model(x).shape == (3, 0)
     torch.testing.assert_close(merge(model)[:3](x), model[:3](x))
+
+
+def test_converting_a_converted_model_says_it_keeps_its_opt_layers():
+    model = convert(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), method="cayley_neumann", block_size=4)
+    with pytest.warns(UserWarning, match=r"left 2 layer\(s\) unconverted: 0: already an OPT layer"):
+        again = convert(model, method="cayley", block_size=4)
+    assert [m.method.name for m in again.modules() if isinstance(m, OPTBlockLinear)] == ["cayley_neumann"] * 2

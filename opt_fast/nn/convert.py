@@ -153,6 +153,9 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
         candidates = {name: named[name] for name in include}
 
     skipped: List[Tuple[str, str]] = []
+    if include is None:   # converting a converted model keeps its OPT layers: say so, a method may differ
+        skipped += [(name, f"already an OPT layer ({type(m).__name__}; merge() first to convert it anew)")
+                    for name, m in model.named_modules() if isinstance(m, _OPT_MODULES) and name not in exclude]
     converted = {}
     for name, module in candidates.items():
         if name in exclude:
