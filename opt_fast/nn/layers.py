@@ -41,35 +41,49 @@ class OPTLayer(nn.Module):
         self.fan_in = d = in_channels * math.prod(kernel_size)
         self.stochastic, self.sample = stochastic, sample
 
-        # W0 ~ N(0, 2/d), He-normal on the fan-in and not normalised, as released (docs/methods.md).
         W0 = torch.empty((out_channels, in_channels) + tuple(kernel_size), **factory)
-        self.register_buffer("W0", W0.normal_(0.0, math.sqrt(2.0 / d)))
-
+        self.register_buffer("W0", W0)
         if stochastic is not None:
             if not self.method.stochastic_ok:
                 ok = [name for name, m in METHODS.items() if m.stochastic_ok]
                 raise ValueError(f"opt_fast.nn: stochastic OPT needs a method whose identity init is exactly "
                                  f"R = I; {self.method.name!r} is not one of {ok}")
-            idx = _stoch.sample_indices(d, in_channels, stochastic, sample, device=W0.device)
-            self.register_buffer("idx", idx)
-            shape, init = (idx.numel(),) * 2, "identity"  # S-OPT starts every P_s at I (docs/methods.md)
+            m = _stoch.subset_size(d, in_channels, stochastic, sample)
+            self.register_buffer("idx", torch.empty(m, dtype=torch.int64, device=W0.device))
+            shape = (m, m)
         else:
-            shape, init = self.method.shape(d, out_channels, num_reflectors), self.init_mode
-        P = self.method.init(shape, init, **factory)
-        if self.method.name == "none":
-            P.copy_(self._V0())
-        self.register_parameter(self.method.param_name, nn.Parameter(P))
-
+            shape = self.method.shape(d, out_channels, num_reflectors)
+        self.register_parameter(self.method.param_name, nn.Parameter(torch.empty(shape, **factory)))
         if self.method.warm_start:  # lowdin: the previous step's R, not saved (a speed-up only)
             self.register_buffer("R0", torch.empty(shape, **factory), persistent=False)
-            self._refresh_warm_start()
         if bias:
-            bound = 1.0 / math.sqrt(d)  # nn.Linear / nn.Conv's default bias init
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
         self._opt_group = None        # set by group.group_layers: the LayerGroup that batches this layer
         self._opt_group_index = 0
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw what construction draws, in its order (the same values under the same seed): W0, the
+        stochastic subset, P by the layer's init, the bias. After ``to_empty`` of a model built on the meta
+        device this initialises the layer. It replaces a W0 set by load_weight (convert(keep_weights=True))."""
+        d = self.fan_in
+        # W0 ~ N(0, 2/d), He-normal on the fan-in and not normalised, as released (docs/methods.md).
+        self.W0.normal_(0.0, math.sqrt(2.0 / d))
+        P = self.learnable
+        init = self.init_mode
+        if self.stochastic is not None:
+            self.idx.copy_(_stoch.sample_indices(d, self.in_channels, self.stochastic, self.sample))
+            init = "identity"  # S-OPT starts every P_s at I (docs/methods.md)
+        P.copy_(self.method.init(tuple(P.shape), init, dtype=P.dtype, device=P.device))
+        if self.method.name == "none":
+            P.copy_(self._V0())
+        self._refresh_warm_start()
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(d)  # nn.Linear / nn.Conv's default bias init
+            self.bias.uniform_(-bound, bound)
 
     # ---- what the method computes ---------------------------------------------------------------------
     @property

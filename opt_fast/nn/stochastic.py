@@ -20,6 +20,17 @@ from torch import Tensor
 SAMPLES = ("coordinate", "channel")
 
 
+def subset_size(d: int, in_channels: int, fraction: float, sample: str = "coordinate") -> int:
+    """How many fan-in indices ``sample_indices`` draws (it checks the arguments)."""
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"opt_fast.nn: stochastic must be a fraction in (0, 1], got {fraction!r}")
+    if sample == "coordinate":
+        return max(1, round(fraction * d))
+    if sample == "channel":
+        return max(1, round(fraction * in_channels)) * (d // in_channels)
+    raise ValueError(f"opt_fast.nn: unknown sample {sample!r}; valid: {', '.join(SAMPLES)}")
+
+
 def sample_indices(d: int, in_channels: int, fraction: float, sample: str = "coordinate",
                    generator: Optional[torch.Generator] = None, device=None) -> Tensor:
     """Sorted fan-in indices (PyTorch flattening order: in_channel, then kernel position).
@@ -27,15 +38,11 @@ def sample_indices(d: int, in_channels: int, fraction: float, sample: str = "coo
     ``coordinate``: round(fraction·d) coordinates uniformly without replacement (the released code).
     ``channel``: round(fraction·C_in) whole input channels, each with all its kernel positions.
     """
-    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"opt_fast.nn: stochastic must be a fraction in (0, 1], got {fraction!r}")
+    m = subset_size(d, in_channels, fraction, sample)
     if sample == "coordinate":
-        m = max(1, round(fraction * d))
         idx = torch.randperm(d, generator=generator)[:m]
-    elif sample == "channel":
-        kk = d // in_channels
-        ch = torch.randperm(in_channels, generator=generator)[:max(1, round(fraction * in_channels))]
-        idx = (ch[:, None] * kk + torch.arange(kk)).flatten()
     else:
-        raise ValueError(f"opt_fast.nn: unknown sample {sample!r}; valid: {', '.join(SAMPLES)}")
+        kk = d // in_channels
+        ch = torch.randperm(in_channels, generator=generator)[:m // kk]
+        idx = (ch[:, None] * kk + torch.arange(kk)).flatten()
     return idx.sort().values.to(device)

@@ -1,11 +1,12 @@
-"""Block layers built on the meta device (large-model recipe: build on meta, convert, shard, ``to_empty``,
-then ``reset_parameters()``), and reset_parameters itself."""
+"""OPT layers built on the meta device (the large-model recipe: build on meta, convert, shard, ``to_empty``,
+then ``reset_parameters()``), and reset_parameters itself: block layers and the dense OPT layers."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from opt_fast.nn import OPTBlockLinear, convert, merge_and_reset
+from opt_fast.nn import OPTBlockLinear, OPTLayer, convert, merge_and_reset
+from opt_fast.nn.methods import METHODS as DENSE_METHODS
 
 METHODS = ["cayley_neumann", "cayley", "gram_schmidt", "householder", "lowdin"]
 
@@ -58,3 +59,31 @@ def test_reset_parameters_redraws_and_returns_to_the_identity():
     layer.reset_parameters()
     assert not torch.equal(layer.W0, W0) and not torch.equal(layer.perm_seed, seed) and int(layer.merges) == 0
     assert torch.count_nonzero(layer.in_blocks) == 0 and torch.count_nonzero(layer.out_blocks) == 0
+
+
+DENSE = ["gram_schmidt", "householder", "cayley", "lowdin", "none", "ogd", "orth_reg", "householder_qr"]
+DENSE_CASES = [(m, None) for m in DENSE] + [(m, 0.5) for m in DENSE if DENSE_METHODS[m].stochastic_ok]
+
+
+@pytest.mark.parametrize("method,stochastic", DENSE_CASES, ids=[f"{m}-{s or 'full'}" for m, s in DENSE_CASES])
+def test_dense_layers_on_the_meta_device(method, stochastic):
+    """convert on meta, to_empty, reset_parameters: the layers of a model converted directly, reset alike."""
+    kw = {"stochastic": stochastic} if stochastic else {}
+
+    def made(device):
+        torch.manual_seed(0)
+        with torch.device(device):
+            net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(36, 5))
+        model = convert(net, method=method, **kw)
+        if device == "meta":
+            assert all(t.is_meta for t in model.parameters())
+            model = model.to_empty(device="cpu")
+        torch.manual_seed(5)
+        for m in model.modules():
+            if isinstance(m, OPTLayer):
+                m.reset_parameters()
+        return model
+    a, b = made("meta"), made("cpu")
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert torch.isfinite(a(x)).all()
