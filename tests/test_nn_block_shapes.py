@@ -39,3 +39,10 @@ def test_converting_a_converted_model_says_it_keeps_its_opt_layers():
     with pytest.warns(UserWarning, match=r"left 2 layer\(s\) unconverted: 0: already an OPT layer"):
         again = convert(model, method="cayley", block_size=4)
     assert [m.method.name for m in again.modules() if isinstance(m, OPTBlockLinear)] == ["cayley_neumann"] * 2
+
+
+def test_converting_a_converted_attention_names_the_attention_only():
+    """The warning names an OPTMultiheadAttention once, not also its own OPT projections."""
+    model = convert(nn.Sequential(nn.MultiheadAttention(8, 2)), method="cayley")
+    with pytest.warns(UserWarning, match=r"left 1 layer\(s\) unconverted: 0: already an OPT layer \(OPTMulti"):
+        convert(model, method="cayley")

@@ -154,8 +154,10 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
 
     skipped: List[Tuple[str, str]] = []
     if include is None:   # converting a converted model keeps its OPT layers: say so, a method may differ
-        skipped += [(name, f"already an OPT layer ({type(m).__name__}; merge() first to convert it anew)")
-                    for name, m in model.named_modules() if isinstance(m, _OPT_MODULES) and name not in exclude]
+        opt = [n for n, m in model.named_modules() if isinstance(m, _OPT_MODULES) and n not in exclude]
+        outer = [n for n in opt if not any(n.startswith(o + ".") or (o == "" and n) for o in opt if o != n)]
+        skipped += [(n, f"already an OPT layer ({type(model.get_submodule(n)).__name__}; merge() first to "
+                        f"convert it anew)") for n in outer]
     converted = {}
     for name, module in candidates.items():
         if name in exclude:
