@@ -22,12 +22,22 @@ derivative (``_STAND_INS``): lowdin's reference stops on the orthogonality of it
 tangent's convergence, but in float64 the tangent is then accurate to ~1e-13 (measured against the SVD
 formula, d = 2..100); the warm start R0 is left out (an accepted R0 would make the output independent of P).
 Outputs marked non-differentiable (lowdin_svd's U, S, Vh) carry no tangent, as they get no gradient.
+
+Reverse mode under torch.func transforms (``grad``, ``vjp``, ``jacrev``, ``functional_call`` + ``grad``)
+goes through an ``autograd.Function`` with a separate ``setup_context`` (which functorch requires and the
+Function ``torch.library.register_autograd`` generates lacks), with the same context and backward as above.
+It is used only under a grad transform, so plain autograd keeps torch's own path.
 """
 from typing import Callable, Optional, Tuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, _C
+from torch.autograd.forward_ad import _set_fwd_grad_enabled
+from torch._C._functorch import TransformType
+from torch._functorch.autograd_function import enable_single_level_autograd_function
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+from torch._library import utils as _library_utils
 from torch._library.autograd import Info, make_autograd_impl
 
 from .reference import REFERENCE_KERNELS
@@ -82,14 +92,53 @@ def _dual_call(op: str, overload, keyset, args: Tuple, kwargs):
     return tuple(v if r is None else v + (r - r.detach()).to(v.dtype) for v, r in zip(value, ref))
 
 
+def _functorch_function(op: str, overload, backward: Callable, setup_context: Callable):
+    """The op's autograd as an ``autograd.Function`` that torch.func's grad transform accepts. It is applied
+    inside the dispatcher at the transform's level (as ATen's autograd kernels record there) and its forward
+    is the op below autograd at that level; the levels below get the grad mode they had when this one began
+    (nested grad records there too) and forward AD back on (jvp / jacfwd over grad see their tangents)."""
+    schema = overload._schema
+
+    def forward(*args):
+        *args, keyset, grad_mode = args
+        with _C._AutoDispatchBelowAutograd(), torch.set_grad_enabled(grad_mode), _set_fwd_grad_enabled(True):
+            return overload.redispatch(keyset & _C._after_autograd_keyset, *args)
+
+    def setup(ctx, inputs, output):
+        # the dispatcher drops arguments equal to their defaults; the op's setup_context reads them all
+        setup_context(ctx, _library_utils.fill_defaults(schema, inputs[:-2], {})[0], output)
+
+    def bw(ctx, *grads):
+        result = backward(ctx, *grads)
+        return (*result, None, None) if isinstance(result, tuple) else (result, None, None)
+
+    return type(f"{op}_functorch", (torch.autograd.function._SingleLevelFunction,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup), "backward": staticmethod(bw)})
+
+
+def _grad_transform():
+    """The innermost torch.func transform if it is a grad-type one (grad, vjp, jacrev), else None."""
+    if not _C._are_functorch_transforms_active():
+        return None
+    interpreter = retrieve_current_functorch_interpreter()
+    return interpreter if interpreter.key() == TransformType.Grad else None
+
+
 def register_autograd(op: str, backward: Callable, setup_context: Callable, lib) -> None:
-    """``torch.library.register_autograd(f"opt_fast::{op}", backward, setup_context=...)`` plus forward AD."""
+    """``torch.library.register_autograd(f"opt_fast::{op}", backward, setup_context=...)`` plus forward AD
+    and torch.func's reverse-mode transforms."""
     overload = getattr(torch.ops.opt_fast, op).default
     reverse = make_autograd_impl(overload, Info(backward, setup_context))
+    functorch = _functorch_function(op, overload, backward, setup_context)
 
     def autograd_kernel(keyset, *args, **kwargs):
         if has_tangent(*args):
             return _dual_call(op, overload, keyset, args, kwargs)
+        transform = _grad_transform() if _C.is_grad_enabled() and not kwargs else None
+        if transform is not None and _C._any_requires_grad(*args):
+            # (autograd.Function.apply would re-enter the transforms from the top: a single-level apply)
+            with enable_single_level_autograd_function():
+                return functorch.apply(*args, keyset, transform.prev_grad_mode())
         return reverse(keyset, *args, **kwargs)
 
     lib.impl(op, autograd_kernel, "Autograd", with_keyset=True)

@@ -5,8 +5,9 @@
 3. autograd formulas whose backward calls ``torch.ops.opt_fast.<op>_backward``, so that a fast backward
    kernel is used whenever one is registered; the backward ops are differentiable too (double backward)
    through the vector-Jacobian product of their reference, which is written in differentiable torch ops;
-   forward-mode AD (a tangent on an input) takes its derivatives from the references too (_forward_ad.py);
-   under torch.autocast every op runs as called, with autocast off inside (3b);
+   forward-mode AD (a tangent on an input) takes its derivatives from the references too, and torch.func's
+   grad transforms get an autograd.Function they accept (_forward_ad.py); vmap has batching rules that make
+   one batched call (3b, _vmap.py); under torch.autocast every op runs as called, with autocast off inside (3c);
 4. the C++ extension ``opt_fast._C`` (CPU, and CUDA when built), unless ``OPT_FAST_DISABLE_EXT=1``;
 5. Triton launchers for CUDA, for ops that have no C++ CUDA kernel (or ``OPT_FAST_CUDA_BACKEND=triton``),
    and functional.orthogonalize_approx's Triton kernel (``_backends.triton_approx``).
@@ -18,7 +19,7 @@ import warnings
 
 import torch
 
-from . import _backends, _checks, _forward_ad, _triton_glue
+from . import _backends, _checks, _forward_ad, _triton_glue, _vmap
 from ._ops import SCHEMAS, lib
 from .reference import REFERENCE_KERNELS
 
@@ -288,7 +289,11 @@ for _name in REFERENCE_KERNELS:
         _register_double_backward(_name)
 
 
-# ---- 3b. autocast ---------------------------------------------------------------------------------
+# ---- 3b. vmap: one batched call instead of torch's per-sample fallback (_vmap.py) ---------------------
+_vmap.register()
+
+
+# ---- 3c. autocast ---------------------------------------------------------------------------------
 # Under torch.autocast every op runs as called, with autocast off inside: the maps need float32 (or
 # float64) to stay orthogonal, and block_apply already takes half activations with float32 blocks.
 # Without an Autocast kernel, autocast falls through to the kernels and then casts the matmuls *inside*
