@@ -91,6 +91,7 @@ class _PackedNeumann(torch.autograd.Function):
     b × b stacks per side, 12.5% of a 2048-token activation each at b = 256. Here the backward rebuilds the
     blocks and the powers (⌊terms/2⌋ more block products, at least one: two at terms = 5), so a layer's saved
     memory is its activations and R."""
+    generate_vmap_rule = True   # torch.func.vmap of a gradient (per-sample gradients)
 
     @staticmethod
     def forward(U, b, terms):

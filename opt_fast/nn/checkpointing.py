@@ -20,8 +20,9 @@ def _keep(t):
 @contextlib.contextmanager
 def maps_saved_as_they_are():
     """Saved tensors of the ops inside are stored as they are, whatever saved-tensor hooks enclose them.
-    (Not while torch.compile traces: it does not trace these hooks, and needs none of this.)"""
-    if torch.compiler.is_compiling():
+    (Not while torch.compile traces: it does not trace these hooks, and needs none of this; nor under
+    torch.func's transforms, which refuse saved-tensor hooks and cannot be inside a checkpoint's.)"""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         yield
         return
     with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .block import OPTBlockLinear, is_sharded
 from .checkpointing import maps_saved_as_they_are
-from .layers import OPTLayer
+from .layers import OPTLayer, keep_warm_start
 
 
 def _stale(group) -> bool:
@@ -69,8 +69,8 @@ class LayerGroup:
         if not self.method.warm_start:
             return self.method.rotation(P)
         R = self.method.rotation(P, torch.stack([layer.R0 for layer in self.layers]))
-        for layer, R_i in zip(self.layers, R.detach().unbind(0)):
-            layer.R0.copy_(R_i)
+        for layer, R_i in zip(self.layers, R.unbind(0)):
+            keep_warm_start(layer.R0, R_i)
         return R
 
     def attach(self):

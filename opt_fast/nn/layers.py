@@ -18,6 +18,14 @@ from .checkpointing import maps_saved_as_they_are
 from .methods import METHODS, Method, get_method, normalize_init
 
 
+def keep_warm_start(buffer: Tensor, R: Tensor) -> None:
+    """buffer <- R, the next step's starting guess. Not under torch.func's transforms: they refuse in-place
+    writes to captured tensors, and R there may be per-sample (vmap); the op then starts from the last
+    guess kept outside them (a guess only: the result is the same)."""
+    if not torch._C._are_functorch_transforms_active():
+        buffer.copy_(R.detach())
+
+
 class OPTLayer(nn.Module):
     """Shared machinery of OPTLinear / OPTConv1d / OPTConv2d (not used directly).
 
@@ -116,7 +124,7 @@ class OPTLayer(nn.Module):
             return self.method.rotation(P)
         # Pass a snapshot: the buffer is overwritten below, and must not alias what the op returns.
         R = self.method.rotation(P, self.R0.clone())
-        self.R0.copy_(R.detach())
+        keep_warm_start(self.R0, R)
         return R
 
     def weight_matrix(self) -> Tensor:
