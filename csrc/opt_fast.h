@@ -43,4 +43,19 @@ inline int64_t batch_numel(const at::Tensor& t, int64_t nd = 2) {
 // Identity matrix of size d with t's dtype and device.
 inline at::Tensor eye_like(const at::Tensor& t, int64_t d) { return at::eye(d, t.options()); }
 
+// A kernel run below ADInplaceOrView: the views it makes internally (a reshape back to the caller's batch
+// shape, a slice of a workspace) come back as plain tensors, so a caller may modify an op's output in
+// place under autograd, as it may a matmul's (a tracked view made inside the op's autograd Function may
+// not be). Register kernels as m.impl("op", OPT_FAST_KERNEL(op_cpu)).
+template <auto F>
+struct BelowInplaceOrView;
+template <typename R, typename... A, R (*F)(A...)>
+struct BelowInplaceOrView<F> {
+  static R call(A... args) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return F(std::forward<A>(args)...);
+  }
+};
+#define OPT_FAST_KERNEL(fn) (&::opt_fast::BelowInplaceOrView<&fn>::call)
+
 }  // namespace opt_fast

@@ -21,6 +21,7 @@ Per op, the differentiable stand-in is its reference except where that would not
 derivative (``_STAND_INS``): lowdin's reference stops on the orthogonality of its iterate, not on the
 tangent's convergence, but in float64 the tangent is then accurate to ~1e-13 (measured against the SVD
 formula, d = 2..100); the warm start R0 is left out (an accepted R0 would make the output independent of P).
+With iters > 0 from a cold start the op is that many steps, not the polar factor yet: their own derivative.
 Outputs marked non-differentiable (lowdin_svd's U, S, Vh) carry no tangent, as they get no gradient.
 
 Reverse mode under torch.func transforms (``grad``, ``vjp``, ``jacrev``, ``functional_call`` + ``grad``)
@@ -42,7 +43,7 @@ from torch._library.autograd import Info, make_autograd_impl
 
 from .reference import REFERENCE_KERNELS
 from .reference.cayley_neumann import cayley_neumann_ref
-from .reference.lowdin import lowdin_ref
+from .reference.lowdin import lowdin_ref, warm_start_accepted
 
 __all__ = ["register_autograd", "has_tangent"]
 
@@ -55,7 +56,8 @@ def has_tangent(*args) -> bool:
 
 
 def _lowdin(P, iters=0, R0=None):
-    return lowdin_ref(P)  # the polar factor, whose derivative the op's backward uses for every iters / R0
+    # iters = 0: the polar factor, whose derivative the op's backward uses for every R0; else those steps
+    return lowdin_ref(P) if iters == 0 or warm_start_accepted(P, R0) else lowdin_ref(P, iters)
 
 
 def _lowdin_svd(P):

@@ -22,6 +22,7 @@ import torch
 from . import _backends, _checks, _forward_ad, _triton_glue, _vmap
 from ._ops import SCHEMAS, lib
 from .reference import REFERENCE_KERNELS
+from .reference.lowdin import warm_start_accepted
 
 log = logging.getLogger("opt_fast")
 
@@ -180,9 +181,26 @@ _register_autograd("householder_apply", lambda i, o: (i[0], i[1]),
                    lambda g, V, X: tuple(_ops.householder_apply_backward(g, V, X)))
 _register_autograd("gram_schmidt", lambda i, o: (i[0], o),
                    lambda g, P, Q: (_ops.gram_schmidt_backward(g, P, Q), None))
-# R0 is a starting guess, not a differentiable input: the result does not depend on it.
-_register_autograd("lowdin", lambda i, o: (i[0], o),
-                   lambda g, P, R: (_ops.lowdin_backward(g, P, R), None, None))
+
+
+def _lowdin_setup(ctx, inputs, output):
+    P, iters, R0 = inputs
+    ctx.iters = iters
+    ctx.save_for_backward(P, output, R0 if iters else None)
+
+
+def _lowdin_bw(ctx, grad):
+    P, R, R0 = ctx.saved_tensors
+    if ctx.iters == 0 or warm_start_accepted(P, R0):
+        # the polar factor, whatever R0 (a starting guess, not a differentiable input)
+        return _ops.lowdin_backward(grad, P, R), None, None
+    # a fixed number of steps from a cold start need not reach the polar factor: the derivative of those
+    # steps, through the reference's torch ops; rarely used, correct rather than fast
+    _, vjp = torch.func.vjp(lambda P: REFERENCE_KERNELS["lowdin"](P, ctx.iters, R0), P)
+    return vjp(grad)[0], None, None
+
+
+_forward_ad.register_autograd("lowdin", _lowdin_bw, _lowdin_setup, lib)
 _register_autograd("cayley", lambda i, o: (o,),
                    lambda g, Q: _ops.cayley_backward(g, Q))
 

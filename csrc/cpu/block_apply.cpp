@@ -250,8 +250,8 @@ std::tuple<Tensor, Tensor> block_apply_backward_cpu(const Tensor& grad, const Te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
-  m.impl("block_apply", &block_apply_cpu);
-  m.impl("block_apply_backward", &block_apply_backward_cpu);
+  m.impl("block_apply", OPT_FAST_KERNEL(block_apply_cpu));
+  m.impl("block_apply_backward", OPT_FAST_KERNEL(block_apply_backward_cpu));
 }
 
 }  // namespace opt_fast

@@ -39,7 +39,7 @@ at::Tensor batched_inverse(const at::Tensor& A, const at::Tensor& eye) {
   const auto [lo, hi] = at::aminmax(pivots);
   const bool valid = lo.item<int64_t>() >= 1 && hi.item<int64_t>() <= d;
   if (!valid) return at::Tensor();
-  TORCH_CHECK(info.max().item<int64_t>() == 0, kSingular);
+  TORCH_CHECK_LINALG(info.max().item<int64_t>() == 0, kSingular);
   return lu_inverse(LU, pivots, eye);
 }
 
@@ -59,8 +59,16 @@ at::Tensor looped_inverse(const at::Tensor& A, const at::Tensor& eye) {
       M[b].copy_(Mb);
     }
   }
-  TORCH_CHECK(!singular, kSingular);
+  TORCH_CHECK_LINALG(!singular, kSingular);
   return M;
+}
+
+// An infinite entry of S gives that matrix's Q as NaN, as torch.linalg.solve(I - S, I + S) does: the LU of
+// I - S absorbs it into a finite, non-orthogonal Q that would hide an overflowed parameter.
+at::Tensor nan_where_not_finite(at::Tensor Q, const at::Tensor& S) {
+  const auto finite = at::isfinite(S).flatten(-2).all(-1);
+  if (!finite.all().item<bool>()) Q.masked_fill_(finite.logical_not().unsqueeze(-1).unsqueeze(-1), NAN);
+  return Q;
 }
 
 at::Tensor cayley_cpu(const at::Tensor& S) {
@@ -73,8 +81,8 @@ at::Tensor cayley_cpu(const at::Tensor& S) {
     AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "cayley_small", [&] {
       ok = small::cayley<scalar_t>(Q, S.reshape({-1, d, d}));
     });
-    TORCH_CHECK(ok, kSingular);
-    return Q;
+    TORCH_CHECK_LINALG(ok, kSingular);
+    return nan_where_not_finite(Q, S);
   }
   auto eye = eye_like(S, d);
   auto A = (eye - S).reshape({-1, d, d});
@@ -82,7 +90,7 @@ at::Tensor cayley_cpu(const at::Tensor& S) {
   if (!M.defined()) M = looped_inverse(A, eye);
   M.mul_(2.0);
   M.diagonal(0, -2, -1).sub_(1.0);  // Q = 2 (I - S)^-1 - I, in place
-  return M.view(S.sizes());
+  return nan_where_not_finite(M.view(S.sizes()), S);
 }
 
 // grad_S = ½ (I + Q)ᵀ G (I + Q)ᵀ as two batched GEMMs with the identity and the ½ folded in:
@@ -105,8 +113,8 @@ at::Tensor cayley_backward_cpu(const at::Tensor& grad, const at::Tensor& Q) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
-  m.impl("cayley", &cayley_cpu);
-  m.impl("cayley_backward", &cayley_backward_cpu);
+  m.impl("cayley", OPT_FAST_KERNEL(cayley_cpu));
+  m.impl("cayley_backward", OPT_FAST_KERNEL(cayley_backward_cpu));
 }
 
 }  // namespace opt_fast

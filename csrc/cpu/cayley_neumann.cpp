@@ -342,10 +342,10 @@ Tensor cayley_neumann_powers_backward_cpu(const Tensor& grad, const Tensor& S, c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
-  m.impl("cayley_neumann", &cayley_neumann_cpu);
-  m.impl("cayley_neumann_backward", &cayley_neumann_backward_cpu);
-  m.impl("cayley_neumann_powers", &cayley_neumann_powers_cpu);
-  m.impl("cayley_neumann_powers_backward", &cayley_neumann_powers_backward_cpu);
+  m.impl("cayley_neumann", OPT_FAST_KERNEL(cayley_neumann_cpu));
+  m.impl("cayley_neumann_backward", OPT_FAST_KERNEL(cayley_neumann_backward_cpu));
+  m.impl("cayley_neumann_powers", OPT_FAST_KERNEL(cayley_neumann_powers_cpu));
+  m.impl("cayley_neumann_powers_backward", OPT_FAST_KERNEL(cayley_neumann_powers_backward_cpu));
 }
 
 }  // namespace opt_fast

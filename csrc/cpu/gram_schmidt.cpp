@@ -257,8 +257,8 @@ Tensor gram_schmidt_backward_cpu(const Tensor& grad_in, const Tensor& P_in, cons
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
-  m.impl("gram_schmidt", &gram_schmidt_cpu);
-  m.impl("gram_schmidt_backward", &gram_schmidt_backward_cpu);
+  m.impl("gram_schmidt", OPT_FAST_KERNEL(gram_schmidt_cpu));
+  m.impl("gram_schmidt_backward", OPT_FAST_KERNEL(gram_schmidt_backward_cpu));
 }
 
 }  // namespace opt_fast

@@ -126,8 +126,8 @@ std::tuple<Tensor, Tensor> householder_apply_backward_cpu(const Tensor& grad, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
-  m.impl("householder_apply", &householder_apply_cpu);
-  m.impl("householder_apply_backward", &householder_apply_backward_cpu);
+  m.impl("householder_apply", OPT_FAST_KERNEL(householder_apply_cpu));
+  m.impl("householder_apply_backward", OPT_FAST_KERNEL(householder_apply_backward_cpu));
 }
 
 }  // namespace opt_fast

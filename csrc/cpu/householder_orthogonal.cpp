@@ -78,8 +78,8 @@ Tensor householder_orthogonal_backward_cpu(const Tensor& grad, const Tensor& V) 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
-  m.impl("householder_orthogonal", &householder_orthogonal_cpu);
-  m.impl("householder_orthogonal_backward", &householder_orthogonal_backward_cpu);
+  m.impl("householder_orthogonal", OPT_FAST_KERNEL(householder_orthogonal_cpu));
+  m.impl("householder_orthogonal_backward", OPT_FAST_KERNEL(householder_orthogonal_backward_cpu));
 }
 
 }  // namespace opt_fast

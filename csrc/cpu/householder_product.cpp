@@ -196,8 +196,8 @@ std::tuple<Tensor, Tensor> householder_product_backward_cpu(const Tensor& grad, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
-  m.impl("householder_product", &householder_product_cpu);
-  m.impl("householder_product_backward", &householder_product_backward_cpu);
+  m.impl("householder_product", OPT_FAST_KERNEL(householder_product_cpu));
+  m.impl("householder_product_backward", OPT_FAST_KERNEL(householder_product_backward_cpu));
 }
 
 }  // namespace opt_fast

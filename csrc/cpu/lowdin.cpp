@@ -255,10 +255,10 @@ Tensor lowdin_svd_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CPU, m) {
-  m.impl("lowdin", &lowdin_cpu);
-  m.impl("lowdin_backward", &lowdin_backward_cpu);
-  m.impl("lowdin_svd", &lowdin_svd_cpu);
-  m.impl("lowdin_svd_backward", &lowdin_svd_backward_cpu);
+  m.impl("lowdin", OPT_FAST_KERNEL(lowdin_cpu));
+  m.impl("lowdin_backward", OPT_FAST_KERNEL(lowdin_backward_cpu));
+  m.impl("lowdin_svd", OPT_FAST_KERNEL(lowdin_svd_cpu));
+  m.impl("lowdin_svd_backward", OPT_FAST_KERNEL(lowdin_svd_backward_cpu));
 }
 
 }  // namespace opt_fast

@@ -126,8 +126,8 @@ Tensor gram_schmidt_backward_cuda(const Tensor& grad, const Tensor& P, const Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CUDA, m) {
-  m.impl("gram_schmidt", &gram_schmidt_cuda);
-  m.impl("gram_schmidt_backward", &gram_schmidt_backward_cuda);
+  m.impl("gram_schmidt", OPT_FAST_KERNEL(gram_schmidt_cuda));
+  m.impl("gram_schmidt_backward", OPT_FAST_KERNEL(gram_schmidt_backward_cuda));
 }
 
 }  // namespace opt_fast

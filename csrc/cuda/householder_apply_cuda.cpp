@@ -48,8 +48,8 @@ std::tuple<Tensor, Tensor> householder_apply_backward_cuda(const Tensor& grad, c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CUDA, m) {
-  m.impl("householder_apply", &householder_apply_cuda);
-  m.impl("householder_apply_backward", &householder_apply_backward_cuda);
+  m.impl("householder_apply", OPT_FAST_KERNEL(householder_apply_cuda));
+  m.impl("householder_apply_backward", OPT_FAST_KERNEL(householder_apply_backward_cuda));
 }
 
 }  // namespace householder_cuda

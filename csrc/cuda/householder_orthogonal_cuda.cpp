@@ -45,8 +45,8 @@ Tensor householder_orthogonal_backward_cuda(const Tensor& grad, const Tensor& V)
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CUDA, m) {
-  m.impl("householder_orthogonal", &householder_orthogonal_cuda);
-  m.impl("householder_orthogonal_backward", &householder_orthogonal_backward_cuda);
+  m.impl("householder_orthogonal", OPT_FAST_KERNEL(householder_orthogonal_cuda));
+  m.impl("householder_orthogonal_backward", OPT_FAST_KERNEL(householder_orthogonal_backward_cuda));
 }
 
 }  // namespace householder_cuda

@@ -50,8 +50,8 @@ std::tuple<Tensor, Tensor> householder_product_backward_cuda(const Tensor& grad,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(opt_fast, CUDA, m) {
-  m.impl("householder_product", &householder_product_cuda);
-  m.impl("householder_product_backward", &householder_product_backward_cuda);
+  m.impl("householder_product", OPT_FAST_KERNEL(householder_product_cuda));
+  m.impl("householder_product_backward", OPT_FAST_KERNEL(householder_product_backward_cuda));
 }
 
 }  // namespace householder_cuda

@@ -14,7 +14,7 @@ I - S is never singular (its symmetric part is I).
 
 S is deliberately not checked for skew-symmetry: the op is the Cayley transform of any S with I - S
 invertible (forward and backward above hold for all of them), and Q is orthogonal exactly when S is skew.
-Only a singular I - S raises.
+Only a singular I - S raises (torch.linalg.LinAlgError, as torch's solve); an infinite entry gives NaN.
 """
 import torch
 from torch import Tensor
@@ -27,8 +27,12 @@ def cayley_ref(S: Tensor) -> Tensor:
     eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
     M, info = torch.linalg.inv_ex(eye - S)
     if S.numel() and bool((info > 0).any()):
-        _checks.fail("cayley", "I - S is singular (S must be skew-symmetric, or at least have no eigenvalue 1)")
-    return 2.0 * M - eye
+        raise torch.linalg.LinAlgError(
+            "opt_fast.cayley: I - S is singular (S must be skew-symmetric, or at least have no eigenvalue 1)")
+    Q = 2.0 * M - eye
+    # an infinite entry gives NaN, as torch.linalg.solve(I - S, I + S): not a finite non-orthogonal Q
+    finite = torch.isfinite(S).flatten(-2).all(-1)[..., None, None]
+    return Q if S.numel() == 0 or bool(finite.all()) else torch.where(finite, Q, torch.nan)
 
 
 def cayley_backward_ref(grad: Tensor, Q: Tensor) -> Tensor:

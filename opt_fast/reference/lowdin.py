@@ -295,6 +295,14 @@ def _warm_start(P: Tensor, R0: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
     return R0, A
 
 
+def warm_start_accepted(P: Tensor, R0: Optional[Tensor]) -> bool:
+    """True if lowdin(P, iters, R0) starts from R0 (then its result is the polar factor for any iters)."""
+    m, n = P.shape[-2], P.shape[-1]
+    if R0 is None or m != n or P.numel() == 0:
+        return False
+    return _warm_start(P.reshape(-1, m, n), R0.detach().reshape(-1, m, n).to(P.dtype)) is not None
+
+
 def lowdin_ref(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
     """Polar factor R = P (PᵀP)^(-1/2) of P [..., m, n] (m >= n) by a Newton–Schulz-type iteration.
 
