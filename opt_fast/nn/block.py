@@ -28,6 +28,7 @@ so a one-sided layer costs about 2 GEMMs + small block products against nn.Linea
   are computed per layer, not in the group's batched call.
 """
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -94,7 +95,7 @@ class OPTBlockLinear(nn.Module):
         super().__init__()
         if sides not in SIDES:
             raise ValueError(f"opt_fast.nn: sides must be one of {SIDES}, got {sides!r}")
-        if not isinstance(block_size, int) or block_size < 1:
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"opt_fast.nn: block_size must be a positive int, got {block_size!r}")
         if not isinstance(terms, int) or terms < 0:
             raise ValueError(f"opt_fast.nn: terms must be an int >= 0, got {terms!r}")
@@ -238,6 +239,7 @@ class OPTBlockLinear(nn.Module):
     def merge_and_reset(self, optimizer=None) -> None:
         """W0 <- R_out W0 R_inᵀ (computed in at least float32), rotations <- I, fresh permutations, and the
         optimizer state of the reset parameters cleared. The layer's output is unchanged up to rounding."""
+        self._warn_if_not_orthogonal()
         W0 = _full(self.W0)   # a sharded W0 (frozen_weight_as_parameter under FSDP2) is gathered, then re-sharded
         W = self.effective_weight(W0.float() if W0.dtype in _HALF else W0).to(W0.dtype)
         _assign(self.W0, W)
@@ -251,6 +253,23 @@ class OPTBlockLinear(nn.Module):
                 optimizer.state.pop(P, None)
             if self.permute:
                 getattr(self, f"{side}_perm").copy_(self._draw_perm(side))
+
+    def _warn_if_not_orthogonal(self, tol: float = 0.1) -> None:
+        """A merge bakes R into W0 for good: say so when R is far from orthogonal (the Cayley–Neumann series
+        diverges as ‖S‖ nears 1, e.g. after a learning rate too large for it), when it can still be undone."""
+        for side in self.sides_used():
+            b = self.side_block(side)
+            R = self.method.rotation(_full(getattr(self, f"{side}_blocks")), b, self.terms)
+            if R.numel() == 0:
+                continue
+            eye = torch.eye(b, dtype=R.dtype, device=R.device)
+            err = (torch.linalg.matrix_norm(R.mT @ R - eye) / math.sqrt(b)).max()
+            if not bool(err <= tol):
+                warnings.warn(
+                    f"opt_fast.nn: merging an OPTBlockLinear whose {side} rotation is not orthogonal "
+                    f"(‖RᵀR − I‖_F/√b = {float(err):.3g} > {tol}, method {self.method.name!r}): the merge keeps "
+                    f"it in W0 (its singular values change). Lower the learning rate or merge more often; "
+                    f"an exact method (e.g. 'cayley') stays orthogonal at any step size.", stacklevel=3)
 
     # ---- dtype casts keep the orthogonal parameters float32 --------------------------------------------------
     def _apply(self, fn, recurse=True):

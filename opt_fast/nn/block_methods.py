@@ -56,14 +56,14 @@ _TRIU_CACHE: Dict[Tuple[int, str], Tensor] = {}
 def triu_flat_index(b: int, device) -> Tensor:
     """Flat indices (row·b + col) of the strictly upper triangle, in torch.triu_indices order. Cached, but
     not while torch.compile traces: a tensor made inside a traced autograd.Function and kept in a global
-    is an error there (a compiled model called before any eager call)."""
+    is an error there (a compiled model called before any eager call), nor under inference_mode."""
     key = (b, str(device))
     if key in _TRIU_CACHE:
         return _TRIU_CACHE[key]
     rows, cols = torch.triu_indices(b, b, 1, device=device)
     index = rows * b + cols
-    if not torch.compiler.is_compiling():
-        _TRIU_CACHE[key] = index
+    if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+        _TRIU_CACHE[key] = index   # (an inference tensor cached would fail every later training step)
     return index
 
 

@@ -53,6 +53,54 @@ def _candidates(model: nn.Module) -> Dict[str, nn.Module]:
             and not isinstance(m, _OPT_MODULES) and id(m) not in inside_attention}
 
 
+def _tied_to(model: nn.Module) -> Dict[int, List[str]]:
+    """id(parameter) -> the names of every module holding it (a shared module under each of its names)."""
+    owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name, m))
+    return owners
+
+
+def _tied_reason(module: nn.Module, owners) -> Optional[str]:
+    w = getattr(module, "weight", None) if not isinstance(module, nn.MultiheadAttention) else None
+    others = [n for n, m in owners.get(id(w), ()) if m is not module] if isinstance(w, torch.Tensor) else []
+    if others:
+        return (f"its weight is tied to the weight of {others[0] or '<root>'!r} (an OPT layer's weight is "
+                f"W0 Rᵀ: converting it would untie them)")
+    return None
+
+
+def _carry_over(module: nn.Module, new: nn.Module) -> nn.Module:
+    """A frozen weight (requires_grad=False) freezes the new layer's rotation parameters, a frozen bias its
+    bias: layers left out of training stay out."""
+    if isinstance(module, nn.MultiheadAttention):
+        return new
+    if not module.weight.requires_grad:
+        for name, p in new.named_parameters():
+            if name != "bias":
+                p.requires_grad_(False)
+    if module.bias is not None and not module.bias.requires_grad:
+        new.bias.requires_grad_(False)
+    return new
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, h, None) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                  "_backward_pre_hooks"))
+
+
+def _excluded(name: str, exclude) -> bool:
+    return any(name == e or name.startswith(e + ".") for e in exclude)
+
+
+def _names(spec) -> Optional[List[str]]:
+    if spec is None:
+        return None
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
 def _build(module: nn.Module, keep_weights: bool, layer_kwargs) -> nn.Module:
     if isinstance(module, nn.MultiheadAttention):
         return OPTMultiheadAttention.from_module(module, keep_weights, **layer_kwargs)
@@ -87,9 +135,10 @@ def _build_block(module: nn.Linear, keep_weights: bool, block_kwargs) -> OPTBloc
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    # Every place the module is registered (a shared module is replaced everywhere).
+    # Every place the module is registered (a shared module is replaced under each of its names: not
+    # named_children, which lists a module registered twice in one parent once).
     for parent in model.modules():
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, name, new)
 
@@ -109,8 +158,10 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
     keep_weights: use each layer's pretrained weight as W0 (and copy its bias) with R = I, so the
     converted model computes what the original did (orthogonal fine-tuning); otherwise W0 is a fresh
     random draw. include: qualified module names to convert (each must be convertible, else
-    ValueError); default all. exclude: names to leave alone. Modules that cannot be converted are
-    skipped with a warning that says why (strict=True makes that an error).
+    ValueError); default all. exclude: names to leave alone, with everything inside them (a single name
+    may be a string). Modules that cannot be converted (also a Linear whose weight is tied to another
+    module's, e.g. an LM head tied to the embedding) are skipped with a warning that says why
+    (strict=True makes that an error). A frozen weight or bias (requires_grad=False) stays frozen.
     group: batch same-shaped layers (group_layers). Returns the model (a new OPT layer if ``model``
     itself is a Linear/Conv).
 
@@ -133,43 +184,60 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
         block_kwargs = dict(method=method, block_size=block_size, sides=sides, permute=permute, terms=terms,
                             recompute=recompute)
     else:
+        block_only = [f"{k}={v!r}" for k, v, default in (("sides", sides, "both"), ("permute", permute, True),
+                                                          ("terms", terms, 5), ("recompute", recompute, False))
+                      if v != default]
+        if block_only:
+            raise ValueError(f"opt_fast.nn.convert: {', '.join(block_only)} set without block_size: these are "
+                             "options of block-orthogonal layers (pass block_size=b)")
         method = "gram_schmidt" if method is None else method
         get_method(method)
+        if num_reflectors is not None and method != "householder":
+            raise ValueError(f"opt_fast.nn.convert: num_reflectors is an option of method 'householder', not "
+                             f"{method!r}")
         init = normalize_init("identity" if init is None and keep_weights else init)
         layer_kwargs = dict(method=method, init=init, stochastic=stochastic, sample=sample,
                             num_reflectors=num_reflectors)
     candidates = _candidates(model)
-    exclude = set(exclude)
+    owners = _tied_to(model)
+    exclude, include = _names(exclude), _names(include)
+    named = dict(model.named_modules())
+    unknown = [e for e in exclude if e not in named]
+    if unknown:
+        warnings.warn(f"opt_fast.nn.convert: exclude names no module of the model: {unknown}", stacklevel=2)
     if include is not None:
-        include = list(include)
-        named = dict(model.named_modules())
         for name in include:
             if name not in named:
                 raise ValueError(f"opt_fast.nn.convert: no module named {name!r} in the model")
             reason = ("it is already an OPT layer" if isinstance(named[name], _OPT_MODULES)
-                      else _why_not(named[name], block))
+                      else _why_not(named[name], block) or _tied_reason(named[name], owners))
             if reason is not None:
                 raise ValueError(f"opt_fast.nn.convert: cannot convert {name!r}: {reason}")
         candidates = {name: named[name] for name in include}
 
     skipped: List[Tuple[str, str]] = []
     if include is None:   # converting a converted model keeps its OPT layers: say so, a method may differ
-        opt = [n for n, m in model.named_modules() if isinstance(m, _OPT_MODULES) and n not in exclude]
+        opt = [n for n, m in model.named_modules() if isinstance(m, _OPT_MODULES) and not _excluded(n, exclude)]
         outer = [n for n in opt if not any(n.startswith(o + ".") or (o == "" and n) for o in opt if o != n)]
         skipped += [(n, f"already an OPT layer ({type(model.get_submodule(n)).__name__}; merge() first to "
                         f"convert it anew)") for n in outer]
-    converted = {}
+    converted, hooked = {}, []
     for name, module in candidates.items():
-        if name in exclude:
+        if _excluded(name, exclude):
             continue
-        reason = _why_not(module, block)
+        reason = _why_not(module, block) or _tied_reason(module, owners)
         if reason is not None:
             skipped.append((name, reason))
             continue
         if id(module) not in converted:
             new = (_build_block(module, keep_weights, block_kwargs) if block
                    else _build(module, keep_weights, layer_kwargs))
-            converted[id(module)] = (module, new)
+            converted[id(module)] = (module, _carry_over(module, new))
+            if _has_hooks(module):
+                hooked.append(name or "<root>")
+    if hooked:
+        warnings.warn(f"opt_fast.nn.convert: hooks registered on {hooked} stay with the replaced module(s); "
+                      "register them again on the converted layer(s)", stacklevel=2)
     if skipped:
         msg = "; ".join(f"{n or '<root>'}: {r}" for n, r in skipped)
         if strict:

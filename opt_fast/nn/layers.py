@@ -17,6 +17,8 @@ from . import stochastic as _stoch
 from .checkpointing import maps_saved_as_they_are
 from .methods import METHODS, Method, get_method, normalize_init
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def keep_warm_start(buffer: Tensor, R: Tensor) -> None:
     """buffer <- R, the next step's starting guess. Not under torch.func's transforms: they refuse in-place
@@ -61,9 +63,12 @@ class OPTLayer(nn.Module):
             shape = (m, m)
         else:
             shape = self.method.shape(d, out_channels, num_reflectors)
-        self.register_parameter(self.method.param_name, nn.Parameter(torch.empty(shape, **factory)))
+        # an op-based method's parameter stays float32 in a half-precision layer: the maps need it (and
+        # orthogonality needs float32's precision); the weight is formed in float32, then cast
+        p_factory = dict(factory, dtype=torch.float32) if self.method.uses_op and W0.dtype in _HALF else factory
+        self.register_parameter(self.method.param_name, nn.Parameter(torch.empty(shape, **p_factory)))
         if self.method.warm_start:  # lowdin: the previous step's R, not saved (a speed-up only)
-            self.register_buffer("R0", torch.empty(shape, **factory), persistent=False)
+            self.register_buffer("R0", torch.empty(shape, **p_factory), persistent=False)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
@@ -79,7 +84,7 @@ class OPTLayer(nn.Module):
         device this initialises the layer. It replaces a W0 set by load_weight (convert(keep_weights=True))."""
         d = self.fan_in
         # W0 ~ N(0, 2/d), He-normal on the fan-in and not normalised, as released (docs/methods.md).
-        self.W0.normal_(0.0, math.sqrt(2.0 / d))
+        self.W0.normal_(0.0, math.sqrt(2.0 / d) if d else 0.0)
         P = self.learnable
         init = self.init_mode
         if self.stochastic is not None:
@@ -90,7 +95,7 @@ class OPTLayer(nn.Module):
             P.copy_(self._V0())
         self._refresh_warm_start()
         if self.bias is not None:
-            bound = 1.0 / math.sqrt(d)  # nn.Linear / nn.Conv's default bias init
+            bound = 1.0 / math.sqrt(d) if d else 0.0  # nn.Linear / nn.Conv's default bias init
             self.bias.uniform_(-bound, bound)
 
     # ---- what the method computes ---------------------------------------------------------------------
@@ -119,7 +124,7 @@ class OPTLayer(nn.Module):
     def _own_core(self) -> Tensor:
         P = self.learnable
         if self.direct:
-            return self.method.apply(P, self._V0())
+            return self.method.apply(P, self._V0().to(P.dtype))
         if not self.method.warm_start:
             return self.method.rotation(P)
         # Pass a snapshot: the buffer is overwritten below, and must not alias what the op returns.
@@ -128,14 +133,14 @@ class OPTLayer(nn.Module):
         return R
 
     def weight_matrix(self) -> Tensor:
-        """The effective weight V = V0 Rᵀ as an [n, d] matrix."""
+        """The effective weight V = V0 Rᵀ as an [n, d] matrix (in W0's dtype; formed in R's)."""
         core = self._core()
-        if self.direct:
-            return core
         V0 = self._V0()
+        if self.direct:
+            return core.to(V0.dtype)
         if self.stochastic is not None:  # rotate the sampled columns, pass the others through
-            return V0.index_copy(1, self.idx, V0.index_select(1, self.idx) @ core.mT)
-        return V0 @ core.mT
+            return V0.index_copy(1, self.idx, (V0.index_select(1, self.idx).to(core.dtype) @ core.mT).to(V0.dtype))
+        return (V0.to(core.dtype) @ core.mT).to(V0.dtype)
 
     def effective_weight(self) -> Tensor:
         """The weight the layer uses, in PyTorch layout [out, in, *k] (what merge() stores)."""
@@ -177,7 +182,25 @@ class OPTLayer(nn.Module):
     @torch.no_grad()
     def _refresh_warm_start(self):
         if self.method.warm_start:
-            self.R0.copy_(self.method.rotation(self.learnable))
+            R = self.method.rotation(self.learnable)
+            if self.R0.is_meta and not R.is_meta:   # P loaded with assign=True into a meta-built layer
+                self.R0 = R
+            else:
+                self.R0.copy_(R)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(torch.bfloat16) / .half(): an op-based method's parameter (and warm start) stay float32,
+        as at construction in a half dtype."""
+        names = [self.method.param_name, "R0"] if self.method.uses_op else []
+        keep = {n: t.detach().clone() for n in names
+                if (t := self._parameters.get(n, self._buffers.get(n))) is not None
+                and t.dtype in (torch.float32, torch.float64)}
+        super()._apply(fn, recurse)
+        for name, data in keep.items():
+            t = self._parameters.get(name, self._buffers.get(name))
+            if t.dtype in _HALF:
+                t.data = data.to(t.device, torch.float32)
+        return self
 
     # ---- setting weights --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -195,7 +218,7 @@ class OPTLayer(nn.Module):
                 if not self.method.orthogonal:
                     raise ValueError(f"opt_fast.nn: load_weight needs R = I for method {self.method.name!r}; "
                                      "use init='identity'")
-                V = V @ R
+                V = V.to(R.dtype) @ R
         self.W0.copy_(V.reshape(self.W0.shape))
 
     @torch.no_grad()

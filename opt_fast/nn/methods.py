@@ -129,7 +129,7 @@ class Householder(Method):
 
     def shape(self, d, n, k):
         k = d if k is None else k
-        if not 1 <= k <= d:
+        if not (1 <= k <= d or k == d == 0):   # (a layer with no inputs has no reflectors)
             raise ValueError(f"opt_fast.nn: householder needs 1 <= num_reflectors <= d = {d}, got {k}")
         return (d, k)
 
