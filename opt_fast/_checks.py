@@ -144,7 +144,7 @@ def cayley_neumann(S: Tensor, terms: int, op: str = "cayley_neumann") -> None:
         fail(op, f"expected S to be float32, float64, float16 or bfloat16, got {S.dtype}")
     if S.dim() < 2 or S.shape[-1] != S.shape[-2]:
         fail(op, f"expected S to be square [..., b, b], got shape {_shape(S)}")
-    if not isinstance(terms, int) or terms < 0:
+    if not isinstance(terms, int) or isinstance(terms, bool) or terms < 0:
         fail(op, f"expected terms >= 0 (the number of Neumann terms after I), got {terms!r}")
 
 

@@ -61,8 +61,8 @@ def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
 def orthogonalize_approx(G: Tensor, steps: int = 5) -> Tensor:
     """APPROXIMATE orthogonalisation for optimizers (Muon-style), NOT the polar factor: ``steps`` quintic
     Newton–Schulz steps X <- a X + (b A + c A²) X, A = X Xᵀ, with Muon's fixed (a, b, c) =
-    (3.4445, -4.7750, 2.0315), after X0 = G / ||G||_F. G: [..., m, n] (any aspect ratio; float16, bfloat16,
-    float32, float64, or complex64/128, where A = X Xᴴ) -> same shape and dtype.
+    (3.4445, -4.7750, 2.0315), after X0 = G / (||G||_F + 1e-7) as in Muon. G: [..., m, n] (any aspect
+    ratio; float16, bfloat16, float32, float64, or complex64/128, where A = X Xᴴ) -> same shape and dtype.
 
     The quintic trades convergence for speed: singular values that start above ~3e-3 of ||G||_F land
     in about [0.68, 1.2] after 5 steps (scalar map, float64), not at 1; smaller ones are only multiplied
@@ -117,6 +117,7 @@ def cayley_neumann(S: Tensor, terms: int = 5) -> Tensor:
 
     When a gradient is needed this takes ``torch.ops.opt_fast.cayley_neumann_powers``, the same map keeping
     the powers of A so that the backward does not recompute them."""
+    _checks.cayley_neumann(S, terms)
     if S.requires_grad and torch.is_grad_enabled():
         return _ops.cayley_neumann_powers(S, terms)[0]
     return _ops.cayley_neumann(S, terms)

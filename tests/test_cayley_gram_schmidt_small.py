@@ -317,9 +317,9 @@ def test_cayley_nan_below_a_zero_pivot(d):
 @pytest.mark.parametrize("d", [4, CAYLEY_D, CAYLEY_D + 1])
 @pytest.mark.parametrize("case", ["nan-one", "nan-all", "inf-offdiag", "inf-diag"])
 def test_cayley_nonfinite(case, d):
-    """NaN and inf: no error, no hang, NaN propagates. An inf in S is a rank-1 limit with a finite answer,
-    which both paths give (as the reference): S_01 = inf in a skew S, and S_00 = inf (Q_00 = -1). The other
-    matrices of the batch are unaffected."""
+    """NaN and inf: no error, no hang, NaN propagates. An inf in S gives that matrix's Q as NaN, as
+    torch.linalg.solve(I - S, I + S) does (the LU would otherwise absorb it into a finite Q that hides an
+    overflowed parameter). The other matrices of the batch are unaffected."""
     S = skew_input(3, d, d)
     x = S[1]
     if case == "nan-one":
@@ -335,13 +335,7 @@ def test_cayley_nonfinite(case, d):
     if case.startswith("nan"):
         assert Q[1].isnan().any()
     else:
-        ref = cayley_ref(S[1])
-        assert torch.isfinite(Q[1]).all() and torch.isfinite(ref).all()
-        torch.testing.assert_close(Q[1], ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
-    if case == "inf-diag":
-        expected = torch.eye(d, dtype=F64)
-        expected[0, 0] = -1
-        assert torch.equal(Q[1], expected)
+        assert Q[1].isnan().all() and cayley_ref(S[1]).isnan().all()
     assert_rest_of_batch_unaffected(Q[[0, 2]], ops.cayley(S[[0, 2]]))
 
 

@@ -167,3 +167,16 @@ def test_merge_and_reset_warns_when_the_series_left_orthogonality():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         merge_and_reset(convert(nn.Sequential(nn.Linear(8, 8)), block_size=4))   # R = I: silent
+
+
+def test_loads_and_merges_that_change_nothing_or_something_say_so():
+    from opt_fast.nn import MergeSchedule, merge_and_reset
+    a = convert(nn.Sequential(nn.Linear(8, 8)), block_size=4)
+    b = convert(nn.Sequential(nn.Linear(8, 8)), block_size=4, terms=3)
+    with pytest.warns(UserWarning, match="saved with terms=5 into a layer with terms=3"):
+        b.load_state_dict(a.state_dict())
+    assert b[0].terms == 3
+    with pytest.warns(UserWarning, match="no OPTBlockLinear"):
+        assert merge_and_reset(convert(nn.Sequential(nn.Linear(8, 8)), method="cayley")) == 0
+    with pytest.warns(UserWarning, match="merged every 10 steps, this schedule every 20"):
+        MergeSchedule(a, every=20).load_state_dict(MergeSchedule(a, every=10).state_dict())

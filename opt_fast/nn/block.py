@@ -296,6 +296,12 @@ class OPTBlockLinear(nn.Module):
         if diff:
             raise ValueError("opt_fast.nn: state_dict was saved from an OPTBlockLinear with other settings: "
                              + ", ".join(f"{k}={a!r} (this layer: {b!r})" for k, (a, b) in diff.items()))
+        saved = state.get("terms")
+        if self.method.name == "cayley_neumann" and saved is not None and saved != self.terms:
+            # allowed (the parameters are the same; e.g. more terms for evaluation), but the map differs
+            warnings.warn(f"opt_fast.nn: loading an OPTBlockLinear state_dict saved with terms={saved} into a "
+                          f"layer with terms={self.terms}: the layer keeps terms={self.terms}, so its R differs "
+                          f"from the saved model's by the series' truncation", stacklevel=2)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -7,6 +7,7 @@ rank draws the same ones without communicating) and drops the optimizer state of
 rounding. Small rotations keep the Cayley–Neumann series accurate, and the fresh permutations let small
 blocks reach every pair of coordinates over time.
 """
+import warnings
 from typing import Optional
 
 import torch
@@ -24,6 +25,10 @@ def merge_and_reset(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
         if isinstance(module, OPTBlockLinear):
             module.merge_and_reset(optimizer)
             count += 1
+    if count == 0:
+        warnings.warn("opt_fast.nn.merge_and_reset: the model has no OPTBlockLinear (block layers, "
+                      "convert(..., block_size=b)); dense OPT layers have nothing to merge (stochastic ones "
+                      "resample: opt_fast.nn.resample)", stacklevel=2)
     return count
 
 
@@ -58,3 +63,7 @@ class MergeSchedule:
 
     def load_state_dict(self, state):
         self.steps = int(state["steps"])
+        if "every" in state and int(state["every"]) != self.every:
+            warnings.warn(f"opt_fast.nn.MergeSchedule: the checkpoint merged every {state['every']} steps, this "
+                          f"schedule every {self.every} (kept): later merges fall on other steps than the "
+                          f"saved run's", stacklevel=2)
