@@ -193,17 +193,25 @@ def gram_schmidt_backward(grad: Tensor, P: Tensor, Q: Tensor) -> None:
     float_matrix(op, "Q", Q)
 
 
-def finite_gradient(op: str, out: Tensor, *inputs: Tensor) -> None:
-    """A non-finite gradient from finite inputs means a singular R (rank-deficient P): raise rather than hand
-    back inf/NaN. Non-finite inputs are not an error: their NaN propagates. Skipped while tracing (fake
-    tensors: torch.compile, AOT autograd of the double backward), where there are no values to test."""
+_RANK_DEFICIENT = ("P is rank deficient (R = QᵀP has a zero diagonal entry), so Q is not a differentiable "
+                   "function of P there and the gradient is undefined")
+
+
+def finite_gradient(op: str, out: Tensor, *inputs: Tensor, why: str = _RANK_DEFICIENT) -> None:
+    """A non-finite gradient from finite inputs means a point where the map is not differentiable (a
+    rank-deficient P): raise ``why`` rather than hand back inf/NaN. Non-finite inputs are not an error:
+    their NaN propagates. Skipped while tracing (fake tensors: torch.compile, AOT autograd of the double
+    backward), where there are no values to test."""
     from torch._subclasses.fake_tensor import is_fake
 
     if torch.compiler.is_compiling() or any(is_fake(t) or t.device.type == "meta" for t in (out, *inputs)):
         return
     if not bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t).all()) for t in inputs):
-        fail(op, "P is rank deficient (R = QᵀP has a zero diagonal entry), so Q is not a differentiable "
-                 "function of P there and the gradient is undefined")
+        fail(op, why)
+
+
+SINGULAR_POLAR = ("P is singular (a zero singular value), where its polar factor is not unique and not "
+                  "differentiable: the gradient is undefined")
 
 
 def grad_like(op: str, grad: Tensor, out_shape) -> None:

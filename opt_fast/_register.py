@@ -183,6 +183,14 @@ _register_autograd("gram_schmidt", lambda i, o: (i[0], o),
                    lambda g, P, Q: (_ops.gram_schmidt_backward(g, P, Q), None))
 
 
+def _polar_gradient(op, dP, grad, P):
+    """A singular P gives a non-finite polar-factor gradient: an error on the CPU, as gram_schmidt's (on a GPU
+    the test would synchronise with the host at every backward)."""
+    if dP.device.type == "cpu":
+        _checks.finite_gradient(op, dP, grad, P, why=_checks.SINGULAR_POLAR)
+    return dP
+
+
 def _lowdin_setup(ctx, inputs, output):
     P, iters, R0 = inputs
     ctx.iters = iters
@@ -193,7 +201,7 @@ def _lowdin_bw(ctx, grad):
     P, R, R0 = ctx.saved_tensors
     if ctx.iters == 0 or warm_start_accepted(P, R0):
         # the polar factor, whatever R0 (a starting guess, not a differentiable input)
-        return _ops.lowdin_backward(grad, P, R), None, None
+        return _polar_gradient("lowdin", _ops.lowdin_backward(grad, P, R), grad, P), None, None
     # a fixed number of steps from a cold start need not reach the polar factor: the derivative of those
     # steps, through the reference's torch ops; rarely used, correct rather than fast
     _, vjp = torch.func.vjp(lambda P: REFERENCE_KERNELS["lowdin"](P, ctx.iters, R0), P)
@@ -216,8 +224,8 @@ def _lowdin_svd_bw(ctx, grad, *_):
     if torch.is_grad_enabled():
         # create_graph: the factors carry no graph back to P, so take lowdin_backward (differentiable
         # through its reference's VJP) rather than a silently incomplete second derivative
-        return _ops.lowdin_backward(grad, P, R)
-    return _ops.lowdin_svd_backward(grad, U, S, Vh)
+        return _polar_gradient("lowdin_svd", _ops.lowdin_backward(grad, P, R), grad, P)
+    return _polar_gradient("lowdin_svd", _ops.lowdin_svd_backward(grad, U, S, Vh), grad, P)
 
 
 _forward_ad.register_autograd("lowdin_svd", _lowdin_svd_bw, _lowdin_svd_setup, lib)

@@ -72,3 +72,14 @@ def test_functional_lowdin_checks_r0_also_when_p_needs_a_gradient(R0):
     """On the CPU a P that needs a gradient takes the SVD route, which has no use for R0: still checked."""
     with pytest.raises(RuntimeError, match=r"opt_fast\.lowdin: expected R0"):
         F.lowdin(torch.randn(4, 4, requires_grad=True), 0, R0)
+
+
+@pytest.mark.parametrize("call", ["op", "functional", "lowdin_svd"])
+@pytest.mark.parametrize("P", [torch.zeros(3, 3), torch.diag(torch.tensor([1.0, 1.0, 0.0]))], ids=["zero", "rank-2"])
+def test_lowdin_gradient_at_a_singular_p_raises_like_gram_schmidt(call, P):
+    f = {"op": ops.lowdin, "functional": F.lowdin, "lowdin_svd": lambda P: ops.lowdin_svd(P)[0]}[call]
+    P = P.clone().requires_grad_()
+    R = f(P)
+    assert torch.isfinite(R).all()   # the forward is defined (one of the polar factors)
+    with pytest.raises(RuntimeError, match=r"opt_fast\.lowdin(_svd)?: P is singular"):
+        R.sum().backward()
