@@ -8,6 +8,7 @@
 namespace opt_fast {
 
 inline void check_float_matrix(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "opt_fast.", op, ": expected ", name, " to be a Tensor, got None");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "opt_fast.", op,
               ": expected ", name, " to be float32 or float64, got ", t.scalar_type());
   TORCH_CHECK(t.dim() >= 2, "opt_fast.", op, ": expected ", name,

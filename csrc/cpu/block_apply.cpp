@@ -26,6 +26,7 @@ bool half_type(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; 
 // Same wording as opt_fast/_checks.py::block_apply.
 void check_inputs(const Tensor& R, const Tensor& X, const std::optional<Tensor>& perm) {
   const char* op = "block_apply";
+  TORCH_CHECK(R.defined() && X.defined(), "opt_fast.", op, ": expected R and X to be Tensors");
   TORCH_CHECK(R.scalar_type() == at::kFloat || R.scalar_type() == at::kDouble, "opt_fast.", op,
               ": expected R to be float32 or float64, got ", R.scalar_type());
   TORCH_CHECK(R.dim() == 3 && R.size(1) == R.size(2), "opt_fast.", op,

@@ -28,6 +28,7 @@ so a one-sided layer costs about 2 GEMMs + small block products against nn.Linea
   are computed per layer, not in the group's batched call.
 """
 import math
+import sys
 import warnings
 from typing import Optional, Tuple
 
@@ -44,15 +45,13 @@ from .checkpointing import maps_saved_as_they_are
 SIDES = ("in", "out", "both")
 _HALF = (torch.float16, torch.bfloat16)
 
-try:  # FSDP2 shards parameters as DTensors (torch.distributed may be missing from a build)
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover
-    DTensor = distribute_tensor = None
 
 
 def is_sharded(t) -> bool:
-    """A DTensor parameter: FSDP2's shard of it, outside the forward of its unit."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """A DTensor parameter: FSDP2's shard of it, outside the forward of its unit. torch.distributed.tensor is
+    not imported here (it is 40% of `import opt_fast`'s time): no tensor is a DTensor before it is."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, getattr(dtensor, "DTensor", ()))
 
 
 def _full(P: Tensor) -> Tensor:
@@ -62,7 +61,10 @@ def _full(P: Tensor) -> Tensor:
 
 def _assign(P: Tensor, value: Tensor) -> None:
     """P <- value (the whole tensor, identical on every rank); an FSDP2 shard takes its part of it."""
-    P.copy_(distribute_tensor(value.to(P.device), P.device_mesh, P.placements) if is_sharded(P) else value)
+    if is_sharded(P):
+        from torch.distributed.tensor import distribute_tensor
+        value = distribute_tensor(value.to(P.device), P.device_mesh, P.placements)
+    P.copy_(value)
 
 
 def _redraw(P: Tensor, fill) -> None:
