@@ -5,6 +5,7 @@
 // Forward: d <= 64 by a Gauss-Jordan inverse per matrix in double (cayley_small.h, where the measurements
 // are), larger d through ATen (LAPACK), one matrix at a time.
 #include "../opt_fast.h"
+#include <cmath>
 #include "cayley_small.h"
 
 #include <ATen/Dispatch.h>
@@ -66,6 +67,9 @@ at::Tensor looped_inverse(const at::Tensor& A, const at::Tensor& eye) {
 // An infinite entry of S gives that matrix's Q as NaN, as torch.linalg.solve(I - S, I + S) does: the LU of
 // I - S absorbs it into a finite, non-orthogonal Q that would hide an overflowed parameter.
 at::Tensor nan_where_not_finite(at::Tensor Q, const at::Tensor& S) {
+  // one vectorised sum first (3 us at d = 27, 0.1% of a [5, 576, 576] call): it is finite unless an entry
+  // is inf or NaN (or finite entries overflow it); only then the per-matrix test
+  if (std::isfinite(S.sum().item<double>())) return Q;
   const auto finite = at::isfinite(S).flatten(-2).all(-1);
   if (!finite.all().item<bool>()) Q.masked_fill_(finite.logical_not().unsqueeze(-1).unsqueeze(-1), NAN);
   return Q;

@@ -31,8 +31,10 @@ def cayley_ref(S: Tensor) -> Tensor:
             "opt_fast.cayley: I - S is singular (S must be skew-symmetric, or at least have no eigenvalue 1)")
     Q = 2.0 * M - eye
     # an infinite entry gives NaN, as torch.linalg.solve(I - S, I + S): not a finite non-orthogonal Q
+    if S.numel() == 0 or bool(torch.isfinite(S.sum())):   # one reduction; the per-matrix test only if needed
+        return Q
     finite = torch.isfinite(S).flatten(-2).all(-1)[..., None, None]
-    return Q if S.numel() == 0 or bool(finite.all()) else torch.where(finite, Q, torch.nan)
+    return torch.where(finite, Q, torch.nan)
 
 
 def cayley_backward_ref(grad: Tensor, Q: Tensor) -> Tensor:
