@@ -1,6 +1,8 @@
 """Atomic checkpoint writes: temp file in the target folder, fsync, os.replace (a crash mid-write leaves
 the previous file intact)."""
 import os
+import shlex
+import sys
 import tempfile
 
 import torch
@@ -38,12 +40,101 @@ def atomic_write(path: str, write) -> None:
         pass
 
 
-def load(path: str):
+def _err(msg: str):
+    raise SystemExit(f"opt_fast.train: error: {msg}")
+
+
+def load(path: str, flag: str = "--resume"):
+    """The object in checkpoint ``path``; a one-line error naming ``flag`` if it is missing or unreadable."""
     if not os.path.isfile(path):
-        raise SystemExit(f"opt_fast.train: error: --resume {path}: no such checkpoint file")
+        _err(f"{flag} {path}: " + ("a folder, not a checkpoint file (pass its checkpoint.pt)" if os.path.isdir(path)
+                                   else "no such checkpoint file"))
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise SystemExit(f"opt_fast.train: error: --resume {path} is not a readable checkpoint "
+        raise SystemExit(f"opt_fast.train: error: {flag} {path} is not a readable checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                          f"use an earlier one") from None
+
+
+CNN_FORMAT = "opt_fast.train/1"
+LM_FORMAT = "opt_fast.train.lm/1"
+
+
+def check_format(state, path: str, want: str, flag: str = "--resume") -> None:
+    """Refuse (one line) a checkpoint that is not a training checkpoint of the workflow ``want`` (CNN_FORMAT
+    or LM_FORMAT), saying what it is and which command takes it."""
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt == want:
+        return
+    saved = state.get("config", {}) if isinstance(state, dict) else {}
+    if fmt == LM_FORMAT:
+        _err(f"{flag} {path} is an LM checkpoint (--model {saved.get('model', 'llama-*')}); use the LM workflow: "
+             f"python -m opt_fast.train --dataset {saved.get('dataset', 'stdlib')} --model "
+             f"{saved.get('model', 'llama-tiny')} ... {flag} {path}")
+    if fmt == CNN_FORMAT:
+        _err(f"{flag} {path} is a CNN checkpoint of opt_fast.train (--model {saved.get('model')}, --dataset "
+             f"{saved.get('dataset')}), not an LM one; resume it without --dataset stdlib/text and --model llama-*: "
+             f"python -m opt_fast.train --model {saved.get('model')} --dataset {saved.get('dataset')} ... "
+             f"--resume {path}")
+    _err(f"{flag} {path} is not a training checkpoint of opt_fast.train (no 'format' {want!r}; an --export "
+         f"state_dict or another file?); pass the checkpoint.pt of a run folder")
+
+
+def check_out(out, export=None) -> None:
+    """At start, before any training: --out must be a folder we can create and write in, --export a file
+    path whose folder we can write in (one-line errors, never a traceback at the end of training)."""
+    if out:
+        if os.path.exists(out) and not os.path.isdir(out):
+            _err(f"--out {out} is an existing file, not a folder; pick another --out")
+        try:
+            os.makedirs(out, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            _err(f"--out {out} is not a writable folder ({e.strerror or type(e).__name__}); pick another --out")
+    if export:
+        if os.path.isdir(export):
+            _err(f"--export {export} is a folder; give a file path (e.g. {os.path.join(export, 'plain.pt')})")
+        folder = os.path.dirname(os.path.abspath(export))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            _err(f"--export {export}: its folder {folder} is not writable ({e.strerror or type(e).__name__}); "
+                 f"pick another --export path")
+
+
+def refuse_overwrite(out, resume, extra: str = "") -> None:
+    """A fresh run (no --resume) must not silently overwrite the checkpoint.pt of an earlier run in --out."""
+    if not out or resume:
+        return
+    path = os.path.join(out, "checkpoint.pt")
+    if os.path.isfile(path):
+        _err(f"--out {out} already holds a run's checkpoint ({path}); pass --resume {path} to continue it, "
+             f"or pick another --out (or delete that folder) for a fresh run{extra}")
+
+
+def interrupted(out, resume, argv, compare=False) -> int:
+    """Ctrl-C: one line saying where the last checkpoint is and how to continue; exit status 130."""
+    sys.stderr.write("\n")
+    if compare:
+        sys.stderr.write(f"opt_fast.train: interrupted: --compare stopped; the runs so far are in {out}\n")
+        return 130
+    path = os.path.join(out, "checkpoint.pt") if out and os.path.isfile(os.path.join(out, "checkpoint.pt")) else resume
+    if not path:
+        sys.stderr.write("opt_fast.train: interrupted: no checkpoint was written" + (
+            " (--save-every N writes one every N epochs/steps)" if out else " (without --out nothing is saved)") + "\n")
+        return 130
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            rest.append(a)
+    cmd = "python -m opt_fast.train " + " ".join(shlex.quote(a) for a in rest + ["--resume", path])
+    sys.stderr.write(f"opt_fast.train: interrupted: the last checkpoint is {path}; continue with: {cmd}\n")
+    return 130

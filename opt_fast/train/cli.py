@@ -2,6 +2,8 @@
 import argparse
 import sys
 
+from . import checkpoint as ckpt
+
 from .core import ORTH_REG_PENALTIES, TrainConfig, train
 from .recipes import RECIPE_KEYS, RECIPES, describe
 
@@ -27,7 +29,10 @@ def parser():
         "Train a network with Orthogonal Over-Parameterized Training. --recipe default trains out of the box "
         "(digits: 0.96-0.99 test accuracy for every method in 10 epochs); --recipe reference is the released "
         "TF code's CIFAR-100 recipe (docs/training.md). Multi-process: torchrun --nproc_per_node N -m "
-        "opt_fast.train ..."))
+        "opt_fast.train ..."), epilog=(
+        "Language models: --dataset stdlib (or text) or --model llama-tiny / llama-small switches to the LM "
+        "workflow (Hugging Face Llama, OPT block layers, AdamW / Muon, fine-tuning); its options: "
+        "python -m opt_fast.train --dataset stdlib --help"))
     a = p.add_argument
 
     def r(flag, key, help_, **kw):  # an option whose default comes from the recipe
@@ -100,11 +105,15 @@ def main(argv=None):
         raise SystemExit(f"opt_fast.train: error: --lr-milestones must be comma-separated fractions, "
                          f"got {args['lr_milestones']!r}")
     cfg = TrainConfig(**args)
-    if compare is not None:
-        from .compare import run_compare
-        run_compare(cfg, [m.strip() for m in compare.split(",") if m.strip()], argv)
-        return 0
-    m = train(cfg)
+    try:
+        if compare is not None:
+            from .compare import run_compare
+            run_compare(cfg, [m.strip() for m in compare.split(",") if m.strip()], argv)
+            return 0
+        ckpt.refuse_overwrite(cfg.out, cfg.resume)
+        m = train(cfg)
+    except KeyboardInterrupt:
+        return ckpt.interrupted(cfg.out, cfg.resume, argv, compare is not None)
     if m["final_test_acc"] is not None:
         print(f"final test accuracy {m['final_test_acc']:.4f} (best {m['best_test_acc']:.4f})")
     return 0

@@ -55,18 +55,24 @@ def run_compare(cfg: TrainConfig, methods, argv=None):
     if bad or not methods:
         fail(f"--compare: unknown method(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(METHODS)} "
              f"(or all)")
-    cfg = resolve(cfg)
+    raw, cfg = cfg, resolve(cfg)  # each run resolves `raw` itself (it tells explicit options from the recipe's)
     check_extras(cfg)
+    from .checkpoint import check_out
+    check_out(cfg.out)
     results, walls, failed = {}, {}, {}
     start = datetime.datetime.now(datetime.timezone.utc)
     for m in methods:
         print(f"== {m}", flush=True)
         t0 = datetime.datetime.now()
         try:
-            results[m] = train(dataclasses.replace(cfg, method=m, out=os.path.join(cfg.out, m)))
+            results[m] = train(dataclasses.replace(raw, method=m, out=os.path.join(cfg.out, m)))
         except SystemExit as e:  # e.g. a diverged loss: record it, go on with the other methods
             failed[m] = str(e.code)
             print(e.code, file=sys.stderr)
+        except Exception as e:  # an unexpected error in one method: record it (one line), go on
+            first = (str(e).splitlines() or [""])[0]
+            failed[m] = f"opt_fast.train: error: {m} failed with {type(e).__name__}: {first}"
+            print(failed[m], file=sys.stderr)
         walls[m] = (datetime.datetime.now() - t0).total_seconds()
     if not results:
         fail("--compare: every method failed: " + "; ".join(f"{m}: {v}" for m, v in failed.items()))

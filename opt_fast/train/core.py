@@ -121,8 +121,57 @@ def validate(cfg: TrainConfig) -> None:
         fail("--save-every must be >= 0")
     if cfg.stop_after is not None and not 1 <= cfg.stop_after <= cfg.epochs:
         fail("--stop-after must be in 1..epochs")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {cfg.device} requested but CUDA is not available; use --device cpu")
+    if not 0 <= cfg.momentum < 1:
+        fail(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.weight_decay < 0:
+        fail(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.label_smoothing < 1:
+        fail(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if cfg.lr_gamma <= 0 or cfg.bn_eps <= 0:
+        fail(f"--lr-gamma and --bn-eps must be > 0 (got {cfg.lr_gamma}, {cfg.bn_eps})")
+    bad = [f for f in cfg.lr_milestones if not 0 < f < 1]
+    if bad:
+        fail(f"--lr-milestones are fractions of training, each in (0, 1) (0.5 = half way), got "
+             f"{', '.join(f'{f:g}' for f in bad)}")
+    if cfg.threads is not None and cfg.threads < 0:
+        fail(f"--threads must be >= 1 (0 or unset: the default), got {cfg.threads}")
+    check_device(cfg.device)
+    ckpt.check_out(cfg.out, cfg.export)
+
+
+def check_device(name: str) -> None:
+    """--device must parse as a torch device and be available here (one-line error otherwise)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        fail(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {name} requested but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0.."
+                 f"cuda:{torch.cuda.device_count() - 1})")
+        return
+    if dev.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return
+    fail(f"--device {name}: not available here; use cpu, cuda or cuda:N")
+
+
+def step_failed(phase: str, where: str, method: str, e: BaseException, model: nn.Module,
+                checkpoint: Optional[str]):
+    """One line for an op that raised inside a training step (LinAlgError, RuntimeError such as a rank-deficient
+    P in gram_schmidt's backward): diverged (non-finite parameters) or the op failed on finite ones; the last
+    checkpoint, if any, is left as it was."""
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    kept = (f"; the last checkpoint, {checkpoint}, is kept"
+            if checkpoint and os.path.isfile(checkpoint) else "")
+    fail(f"the {phase} failed at {where} (method {method}): {first} " + (
+        "The parameters are finite: the op failed on them (training may be diverging); lower --lr, raise the "
+        "warm-up, or another --seed / --init avoids that matrix" if finite else
+        "Some parameters are no longer finite (training diverged): lower --lr or raise the warm-up") + kept)
 
 
 def opt_layers(model: nn.Module):
@@ -228,20 +277,36 @@ def evaluate(model, x, y, device, batch=1000, batch_stats=False):
     return correct / max(1, len(y))
 
 
+# options a resumed run must share with its checkpoint: the first always; the rest (optimizer, schedule, BN and
+# loss settings, which the optimizer / scheduler state would otherwise silently override or mix) when the
+# checkpoint's config records them
+_RESUME_KEYS = ("method", "model", "dataset", "stochastic", "sample", "seed", "epochs", "batch_size")
+_RESUME_KEYS_RECORDED = ("lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma", "warmup_epochs",
+                         "label_smoothing", "reference_loss", "bn_eps", "bn_momentum", "init", "ogd_lr", "ogd_gamma",
+                         "ogd_weight_decay_scale", "orth_reg_weight", "orth_reg_penalty", "augment", "episode_epochs",
+                         "reset_bn")
+
+
 def _check_resume(cfg: TrainConfig, state) -> None:
+    ckpt.check_format(state, cfg.resume, ckpt.CNN_FORMAT)
     saved = state.get("config", {})
-    for key in ("method", "model", "dataset", "stochastic", "sample", "seed", "epochs", "batch_size"):
-        if saved.get(key) != getattr(cfg, key):
+    now = cfg.to_dict()
+    for key in _RESUME_KEYS + tuple(k for k in _RESUME_KEYS_RECORDED if k in saved):
+        if saved.get(key) != now[key]:
             fail(f"--resume {cfg.resume} was written with --{key.replace('_', '-')} {saved.get(key)!r}, this run "
-                 f"has {getattr(cfg, key)!r}; pass the same options or start a fresh run")
+                 f"has {now[key]!r}; a resumed run keeps its checkpoint's settings: pass the same options (or drop "
+                 f"--{key.replace('_', '-')}) or start a fresh run")
 
 
 # ----------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, return_model: bool = False):
     """Train one model as configured; returns the metrics dict (and the model if return_model)."""
+    explicit_warmup = cfg.warmup_epochs is not None  # the recipe's 2-epoch warm-up may outlast a 1-epoch test run
     cfg = recipes.resolve(cfg)
+    if explicit_warmup and cfg.epochs is not None and cfg.warmup_epochs > cfg.epochs:
+        fail(f"--warmup-epochs {cfg.warmup_epochs:g} is longer than the run (--epochs {cfg.epochs})")
+    diagnostics.check_extras(cfg)  # before validate, which creates --out
     validate(cfg)
-    diagnostics.check_extras(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif cfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -264,6 +329,10 @@ def _train(cfg: TrainConfig, dist: Dist, return_model: bool):
     state = ckpt.load(cfg.resume) if cfg.resume else None
     if state is not None:
         _check_resume(cfg, state)
+    out = cfg.out
+    if main and cfg.resume and not out:
+        print(f"opt_fast.train: warning: --resume without --out: this run saves no checkpoint or metrics (add "
+              f"--out FOLDER, e.g. --out {os.path.dirname(os.path.abspath(cfg.resume))})", file=sys.stderr, flush=True)
 
     data = data_mod.load(cfg.dataset, cfg.data_dir,
                          synthetic_shape=(1, 8, 8) if cfg.model == "small" else (3, 32, 32))
@@ -290,7 +359,6 @@ def _train(cfg: TrainConfig, dist: Dist, return_model: bool):
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = _loss_fn(cfg, data.num_classes)
-    out = cfg.out
     if main and out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -316,25 +384,22 @@ def _train(cfg: TrainConfig, dist: Dist, return_model: bool):
             if do_aug:
                 x = data_mod.augment(x, gen)
             x, y = data_mod.normalize(x).to(device), data.y_train[idx].to(device)
+            phase = "forward"
             try:
                 logits = net(x)
-            except torch.linalg.LinAlgError as e:  # e.g. an SVD that does not converge
-                finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-                fail(f"the forward failed at epoch {epoch + 1} step {i + 1} (method {cfg.method}): "
-                     f"{str(e).splitlines()[0]} " + (
-                         "The parameters are finite: the op failed on them (please report it); another --seed, "
-                         "--lr or --init avoids that matrix" if finite else
-                         "Some parameters are no longer finite (training diverged): lower --lr or raise "
-                         "--warmup-epochs"))
-            loss = loss_fn(logits, y)
-            if cfg.method == "orth_reg":
-                loss = loss + opt_fast.orth_reg_loss(model, weight=cfg.orth_reg_weight,
-                                                     squared=cfg.orth_reg_penalty == "squared")
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
+                phase = "step (loss, backward, update)"
+                loss = loss_fn(logits, y)
+                if cfg.method == "orth_reg":
+                    loss = loss + opt_fast.orth_reg_loss(model, weight=cfg.orth_reg_weight,
+                                                         squared=cfg.orth_reg_penalty == "squared")
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in opts:
+                    o.step()
+            except RuntimeError as e:  # LinAlgError (an SVD that does not converge), a rank-deficient P, ...
+                step_failed(phase, f"epoch {epoch + 1} step {i + 1}", cfg.method, e, model,
+                            os.path.join(out, CKPT_NAME) if out else cfg.resume)
             for s in scheds:
                 s.step()
             lv = float(loss.detach())

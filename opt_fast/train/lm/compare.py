@@ -55,6 +55,16 @@ def run_compare(cfg, names, argv=None):
         fail("--compare cannot be combined with --resume")
     if not names:
         fail("--compare: give at least one method")
+    from .config import METHODS, validate
+    from .optim import OPTIMIZERS
+    for name in names:  # every name checked before any run trains
+        method, optimizer = _parse(name, cfg)
+        if method not in METHODS or optimizer not in OPTIMIZERS:
+            fail(f"--compare: unknown run {name!r}; a run is METHOD or METHOD+OPTIMIZER, METHOD one of "
+                 f"{', '.join(METHODS)}, OPTIMIZER one of {', '.join(OPTIMIZERS)}")
+        validate(dataclasses.replace(cfg, method=method, optimizer=optimizer, out=None).resolved())
+    from ..checkpoint import check_out
+    check_out(cfg.out)
     results, failed, loads = {}, {}, {}
     start = datetime.datetime.now(datetime.timezone.utc)
     for name in names:
@@ -73,6 +83,10 @@ def run_compare(cfg, names, argv=None):
         except SystemExit as e:  # e.g. a diverged loss: record it, go on with the others
             failed[name] = str(e.code)
             print(e.code, file=sys.stderr)
+        except Exception as e:  # an unexpected error in one run: record it (one line), go on
+            failed[name] = (f"opt_fast.train: error: {name} failed with {type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0]}")
+            print(failed[name], file=sys.stderr)
         loads[name].append(_load_avg())
         if name in results and int(os.environ.get("RANK", "0")) == 0:
             _note_load(run.out, loads[name])

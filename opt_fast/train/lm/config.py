@@ -111,3 +111,13 @@ def validate(cfg: LMConfig) -> None:
         fail(f"--autocast must be bf16, got {cfg.autocast!r}")
     if cfg.corpus_mb is not None and cfg.corpus_mb <= 0:
         fail("--corpus-mb must be > 0")
+    if cfg.clip < 0:
+        fail(f"--clip must be >= 0 (0 = off), got {cfg.clip}")
+    if cfg.threads is not None and cfg.threads < 0:
+        fail(f"--threads must be >= 1 (0 or unset: the default), got {cfg.threads}")
+    if cfg.warmup > cfg.steps:
+        fail(f"--warmup {cfg.warmup} is longer than the run (--steps {cfg.steps})")
+    from ..core import check_device
+    from ..checkpoint import check_out
+    check_device(cfg.device)
+    check_out(cfg.out)

@@ -49,9 +49,16 @@ def load_base(path: str):
     require("transformers")
     from transformers import LlamaForCausalLM
     _quiet()
+    given = path
     path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        fail(f"--from-checkpoint {given}: no such file or folder (give a pretraining run's folder, its "
+             f"checkpoint.pt or its model/ folder)")
     folder = os.path.join(path, "model") if os.path.isdir(os.path.join(path, "model")) else path
-    if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "config.json")):
+    # a run folder without model/ (stopped with --stop-after) holds the run's own config.json, not a
+    # Hugging Face one: take its checkpoint.pt
+    run_folder_ckpt = folder == path and os.path.isfile(os.path.join(path, "checkpoint.pt"))
+    if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, "config.json")) and not run_folder_ckpt:
         tok_path = os.path.join(folder, TOKENIZER_FILE)
         if not os.path.isfile(tok_path):
             fail(f"--from-checkpoint {path}: {TOKENIZER_FILE} missing next to the model (not an opt_fast export)")
@@ -65,12 +72,18 @@ def load_base(path: str):
                     cfg = json.load(f)
             except (OSError, ValueError):
                 cfg = {}
-        return LlamaForCausalLM.from_pretrained(folder), tok_json, cfg
+        try:
+            return LlamaForCausalLM.from_pretrained(folder), tok_json, cfg
+        except Exception as e:
+            fail(f"--from-checkpoint {given}: the model in {folder} does not load ({type(e).__name__}: "
+                 f"{(str(e).splitlines() or [''])[0]})")
     ckpt_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(ckpt_path):
+        fail(f"--from-checkpoint {given}: the folder holds neither model/ nor checkpoint.pt (give a pretraining "
+             f"run's folder, its checkpoint.pt or its model/ folder)")
     from .. import checkpoint as ckpt
-    state = ckpt.load(ckpt_path)
-    if state.get("format") != "opt_fast.train.lm/1":
-        fail(f"--from-checkpoint {ckpt_path} is not an LM checkpoint of opt_fast.train")
+    state = ckpt.load(ckpt_path, flag="--from-checkpoint")
+    ckpt.check_format(state, ckpt_path, ckpt.LM_FORMAT, flag="--from-checkpoint")
     from .config import LMConfig
     saved = LMConfig(**state["config"])
     model = build_pretrain(saved, state["vocab_size"])

@@ -30,7 +30,7 @@ from torch import nn
 from opt_fast.nn import MergeSchedule, OPTBlockLinear
 
 from .. import checkpoint as ckpt
-from ..core import rng_state, set_rng_state
+from ..core import rng_state, set_rng_state, step_failed
 from ..distributed import Dist
 from . import data as data_mod
 from . import finetune as ft
@@ -129,8 +129,7 @@ def _check_ranks_agree(model, dist, device, step):
 
 
 def _check_resume(cfg: LMConfig, state) -> None:
-    if state.get("format") != FORMAT:
-        fail(f"--resume {cfg.resume} is not an LM checkpoint of opt_fast.train")
+    ckpt.check_format(state, cfg.resume, FORMAT)
     saved = state["config"]
     for key in _RESUME_KEYS + ("from_checkpoint",):
         if saved.get(key) != getattr(cfg, key):
@@ -185,6 +184,10 @@ def _train(cfg: LMConfig, dist, return_model: bool):
         state = ckpt.load(cfg.resume)
         _check_resume(cfg, state)
     main = dist.rank == 0
+    if main and cfg.resume and not cfg.out:
+        print(f"opt_fast.train: warning: --resume without --out: this run saves no checkpoint, metrics or model "
+              f"(add --out FOLDER, e.g. --out {os.path.dirname(os.path.abspath(cfg.resume))})", file=sys.stderr,
+              flush=True)
     if cfg.batch_size % dist.world:
         fail(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({dist.world})")
 
@@ -280,13 +283,19 @@ def _train(cfg: LMConfig, dist, return_model: bool):
     while step < last:
         t0 = time.perf_counter()
         x = train_w.train_batch(step, cfg.batch_size, cfg.seed, dist.rank, dist.world).to(device)
-        with autocast_context(cfg.autocast, device):
-            logits = net(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        optim_mod.step_all(opts, scheds, params, cfg.clip)
+        phase = "forward"
+        try:
+            with autocast_context(cfg.autocast, device):
+                logits = net(input_ids=x[:, :-1]).logits
+            phase = "step (loss, backward, update)"
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            optim_mod.step_all(opts, scheds, params, cfg.clip)
+        except RuntimeError as e:  # LinAlgError, an op that fails on the current parameters, ...
+            step_failed(phase, f"step {step + 1}", f"{cfg.method}, optimizer {cfg.optimizer}", e, model,
+                        os.path.join(out, "checkpoint.pt") if out else cfg.resume)
         step += 1
         pause = 0.0
         if merger is not None and (merger.steps + 1) % merger.every == 0:  # the weights this merge folds in

@@ -3,8 +3,8 @@ the OPT conversion of their projections.
 
 Sizes (untied embeddings and lm_head; widths multiples of 32 so every side takes b = 32 blocks whole):
 
-    llama-tiny   hidden 128, 4 layers, 4 heads, MLP 352, vocab 4096:   ~1.9 M parameters (CI / tests)
-    llama-small  hidden 256, 8 layers, 8 heads, MLP 704, vocab 8192:  ~10.7 M parameters
+    llama-tiny   hidden 128, 4 layers, 4 heads, MLP 352, vocab 4096:   1.85 M parameters (CI / tests)
+    llama-small  hidden 256, 8 layers, 8 heads, MLP 704, vocab 8192:  10.6 M parameters
 
 POET-style pretraining converts every attention / MLP projection (q, k, v, o, gate, up, down: the
 weights inside the blocks) with sides="both"; the embeddings and lm_head stay plain (they are lookup
