@@ -45,7 +45,8 @@ def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
     On the CPU, when a gradient is needed (and ``iters=0``), this takes ``torch.ops.opt_fast.lowdin_svd``:
     the same SVD route that ``lowdin`` takes there, keeping its factors so that the backward is four
     matmuls instead of an eigendecomposition (R0 cannot help a changed P, see the reference docstring)."""
-    _checks.lowdin(P, iters, R0)   # (also the R0 the SVD route below does not use)
+    if R0 is not None or not isinstance(P, Tensor):   # the R0 the SVD route below does not use (P: the op's)
+        _checks.lowdin(P, iters, R0)
     try:
         if iters == 0 and P.device.type == "cpu" and P.requires_grad and torch.is_grad_enabled():
             return _ops.lowdin_svd(P)[0]
