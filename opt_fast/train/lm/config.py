@@ -117,7 +117,7 @@ def validate(cfg: LMConfig) -> None:
         fail(f"--threads must be >= 1 (0 or unset: the default), got {cfg.threads}")
     if cfg.warmup > cfg.steps:
         fail(f"--warmup {cfg.warmup} is longer than the run (--steps {cfg.steps})")
-    from ..core import check_device
+    from ..guards import check_device
     from ..checkpoint import check_out
     check_device(cfg.device)
     check_out(cfg.out)

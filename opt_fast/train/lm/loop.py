@@ -30,7 +30,8 @@ from torch import nn
 from opt_fast.nn import MergeSchedule, OPTBlockLinear
 
 from .. import checkpoint as ckpt
-from ..core import rng_state, set_rng_state, step_failed
+from ..core import rng_state, set_rng_state
+from ..guards import step_failed
 from ..distributed import Dist
 from . import data as data_mod
 from . import finetune as ft

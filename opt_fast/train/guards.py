@@ -1,0 +1,46 @@
+"""The training CLIs' one-line refusals that both workflows (CNN and LM) share: the error itself, the device
+check, and what a training step that raised inside an op ends with."""
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def fail(msg: str):
+    raise SystemExit(f"opt_fast.train: error: {msg}")
+
+
+def check_device(name: str) -> None:
+    """--device must parse as a torch device and be available here (one-line error otherwise)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        fail(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {name} requested but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0.."
+                 f"cuda:{torch.cuda.device_count() - 1})")
+        return
+    if dev.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return
+    fail(f"--device {name}: not available here; use cpu, cuda or cuda:N")
+
+
+def step_failed(phase: str, where: str, method: str, e: BaseException, model: nn.Module,
+                checkpoint: Optional[str]):
+    """One line for an op that raised inside a training step (LinAlgError, RuntimeError such as a rank-deficient
+    P in gram_schmidt's backward): diverged (non-finite parameters) or the op failed on finite ones; the last
+    checkpoint, if any, is left as it was."""
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    kept = (f"; the last checkpoint, {checkpoint}, is kept"
+            if checkpoint and os.path.isfile(checkpoint) else "")
+    fail(f"the {phase} failed at {where} (method {method}): {first} " + (
+        "The parameters are finite: the op failed on them (training may be diverging); lower --lr, raise the "
+        "warm-up, or another --seed / --init avoids that matrix" if finite else
+        "Some parameters are no longer finite (training diverged): lower --lr or raise the warm-up") + kept)
