@@ -203,8 +203,10 @@ def finite_gradient(op: str, out: Tensor, *inputs: Tensor, why: str = _RANK_DEFI
     """A non-finite gradient from finite inputs means a point where the map is not differentiable (a
     rank-deficient P): raise ``why`` rather than hand back inf/NaN. Non-finite inputs are not an error:
     their NaN propagates. Skipped while tracing (fake tensors: torch.compile, AOT autograd of the double
-    backward), where there are no values to test."""
+    backward) and under torch.func's transforms, where there are no plain values to test."""
     if torch.compiler.is_compiling() or out.device.type == "meta" or is_fake(out):
+        return
+    if torch._C._are_functorch_transforms_active():   # values are per-sample there (vmap): no .item()
         return
     if math.isfinite(out.sum().item()) or bool(torch.isfinite(out).all()):   # one reduction, the usual case
         return

@@ -29,10 +29,12 @@ log = logging.getLogger("opt_fast")
 
 def _contiguous_outputs(fn):
     # Outputs are always contiguous (LAPACK routines hand back column-major results), so that every kernel
-    # and the fake kernels agree on strides.
+    # and the fake kernels agree on strides; and plain tensors, not tracked views of the kernel's own
+    # tensors (run below ADInplaceOrView, as the C++ kernels: callers may modify them in place).
     @functools.wraps(fn)
     def wrapper(*args):
-        out = fn(*args)
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            out = fn(*args)
         if isinstance(out, tuple):
             return tuple(o.contiguous() for o in out)
         return out.contiguous()

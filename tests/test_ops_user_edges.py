@@ -35,7 +35,7 @@ def test_cayley_of_an_infinite_entry_is_nan_like_torchs_solve(d):
     eye = torch.eye(d)
     assert torch.linalg.solve(eye - S[1], eye + S[1]).isnan().any()
     assert Q[1].isnan().all()
-    torch.testing.assert_close(Q[[0, 2]], ops.cayley(S[[0, 2]]), rtol=0, atol=0)
+    torch.testing.assert_close(Q[[0, 2]], ops.cayley(S[[0, 2]]))
 
 
 @pytest.mark.parametrize("d", [3, 27, 100])
