@@ -41,9 +41,9 @@ from .. import functional
 from . import extra_state
 from .block_methods import BlockMap, get_block_method
 from .checkpointing import maps_saved_as_they_are
+from .layers import _HALF, apply_keeping_float32
 
 SIDES = ("in", "out", "both")
-_HALF = (torch.float16, torch.bfloat16)
 
 
 
@@ -275,14 +275,7 @@ class OPTBlockLinear(nn.Module):
 
     # ---- dtype casts keep the orthogonal parameters float32 --------------------------------------------------
     def _apply(self, fn, recurse=True):
-        keep = {name: p.detach().clone() for name, p in self._parameters.items()
-                if name.endswith("_blocks") and p is not None and p.dtype in (torch.float32, torch.float64)}
-        super()._apply(fn, recurse)
-        for name, data in keep.items():
-            p = self._parameters[name]
-            if p.dtype in _HALF:   # (a float64 model cast to a half type gets float32 blocks)
-                p.data = data.to(p.device, torch.float32)
-        return self
+        return apply_keeping_float32(self, fn, recurse, [n for n in self._parameters if n.endswith("_blocks")])
 
     # ---- state_dict ---------------------------------------------------------------------------------------------
     def _settings(self):

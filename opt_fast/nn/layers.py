@@ -20,6 +20,20 @@ from .methods import METHODS, Method, get_method, normalize_init
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def apply_keeping_float32(module: nn.Module, fn, recurse: bool, names) -> nn.Module:
+    """nn.Module._apply(fn) whose casts to a half dtype leave the named float32/float64 parameters and buffers
+    float32 (orthogonality needs float32's precision; a float64 one becomes float32)."""
+    tensors = {**module._buffers, **module._parameters}
+    keep = {n: tensors[n].detach().clone() for n in names
+            if tensors.get(n) is not None and tensors[n].dtype in (torch.float32, torch.float64)}
+    nn.Module._apply(module, fn, recurse)
+    tensors = {**module._buffers, **module._parameters}
+    for name, data in keep.items():
+        if tensors[name].dtype in _HALF:
+            tensors[name].data = data.to(tensors[name].device, torch.float32)
+    return module
+
+
 def keep_warm_start(buffer: Tensor, R: Tensor) -> None:
     """buffer <- R, the next step's starting guess. Not under torch.func's transforms: they refuse in-place
     writes to captured tensors, and R there may be per-sample (vmap); the op then starts from the last
@@ -191,16 +205,8 @@ class OPTLayer(nn.Module):
     def _apply(self, fn, recurse=True):
         """model.to(torch.bfloat16) / .half(): an op-based method's parameter (and warm start) stay float32,
         as at construction in a half dtype."""
-        names = [self.method.param_name, "R0"] if self.method.uses_op else []
-        keep = {n: t.detach().clone() for n in names
-                if (t := self._parameters.get(n, self._buffers.get(n))) is not None
-                and t.dtype in (torch.float32, torch.float64)}
-        super()._apply(fn, recurse)
-        for name, data in keep.items():
-            t = self._parameters.get(name, self._buffers.get(name))
-            if t.dtype in _HALF:
-                t.data = data.to(t.device, torch.float32)
-        return self
+        return apply_keeping_float32(self, fn, recurse,
+                                     [self.method.param_name, "R0"] if self.method.uses_op else [])
 
     # ---- setting weights --------------------------------------------------------------------------------
     @torch.no_grad()
