@@ -154,9 +154,21 @@ def test_compare_records_unexpected_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "train", train)
     assert main(TINY + ["--epochs", "1", "--compare", "none,cayley", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "compare.md").read_text()
-    assert "| none |" in text and "| cayley | failed: opt_fast.train: error: cayley failed with ValueError: " \
-                                  "something odd |" in text
+    assert "| none |" in text and "| cayley | failed: cayley failed with ValueError: something odd |" in text
     assert "cayley" in json.loads((tmp_path / "compare.json").read_text())["failed"]
+
+
+def test_compare_every_method_failing_is_one_error_line(tmp_path, monkeypatch):
+    from opt_fast.train import compare
+
+    def train(cfg):
+        raise ValueError(f"{cfg.method} broke")
+
+    monkeypatch.setattr(compare, "train", train)
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ["--epochs", "1", "--compare", "none,cayley", "--out", str(tmp_path)])
+    assert str(e.value.code).count("opt_fast.train: error:") == 1, e.value.code
+    assert "none: none failed with ValueError: none broke; cayley: cayley failed with" in str(e.value.code)
 
 
 def test_lm_compare_checks_every_name_first(tmp_path, monkeypatch):

@@ -53,8 +53,8 @@ def _candidates(model: nn.Module) -> Dict[str, nn.Module]:
             and not isinstance(m, _OPT_MODULES) and id(m) not in inside_attention}
 
 
-def _tied_to(model: nn.Module) -> Dict[int, List[str]]:
-    """id(parameter) -> the names of every module holding it (a shared module under each of its names)."""
+def _tied_to(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module]]]:
+    """id(parameter) -> (name, module) of every module holding it (a shared module under each of its names)."""
     owners: Dict[int, List[Tuple[str, nn.Module]]] = {}
     for name, m in model.named_modules(remove_duplicate=False):
         for p in m._parameters.values():

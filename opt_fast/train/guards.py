@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 
+PREFIX = "opt_fast.train: error: "
+
+
 def fail(msg: str):
-    raise SystemExit(f"opt_fast.train: error: {msg}")
+    raise SystemExit(PREFIX + msg)
 
 
 def check_device(name: str) -> None:

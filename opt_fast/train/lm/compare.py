@@ -11,6 +11,7 @@ import shlex
 import sys
 
 from ..compare import _machine
+from ..guards import PREFIX
 from .config import fail
 from .loop import train_lm
 
@@ -81,12 +82,11 @@ def run_compare(cfg, names, argv=None):
         try:
             results[name] = train_lm(run)
         except SystemExit as e:  # e.g. a diverged loss: record it, go on with the others
-            failed[name] = str(e.code)
             print(e.code, file=sys.stderr)
+            failed[name] = str(e.code).removeprefix(PREFIX)  # the table and the summary add their own context
         except Exception as e:  # an unexpected error in one run: record it (one line), go on
-            failed[name] = (f"opt_fast.train: error: {name} failed with {type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0]}")
-            print(failed[name], file=sys.stderr)
+            failed[name] = f"{name} failed with {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            print(PREFIX + failed[name], file=sys.stderr)
         loads[name].append(_load_avg())
         if name in results and int(os.environ.get("RANK", "0")) == 0:
             _note_load(run.out, loads[name])
