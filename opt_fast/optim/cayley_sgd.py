@@ -10,9 +10,12 @@ class CayleySGD(Optimizer):
 
         M <- momentum·M − G
         A = M Xᵀ − ½ X (Xᵀ M Xᵀ),  Ω = A − Aᵀ,  M <- Ω X
-        α = min(lr, 1 / (‖Ω‖_F + eps))
-        Y <- X + α M, then s times  Y <- X + q·α Ω (X + Y)     (fixed-point Cayley retraction)
+        α = min(lr, 2q / (‖Ω‖_F + eps))
+        Y <- X + α M, then s times  Y <- X + (α/2) Ω (X + Y)   (fixed-point Cayley retraction)
         X <- Y
+
+    q is the paper's: the step bound 2q/‖Ω‖ makes (α/2)‖Ω‖ <= q the contraction factor of the fixed-point
+    iteration, so q in (0, 1); the α/2 of the iteration itself is the Cayley transform's, not q.
 
     No weight decay (the released code has none on R). ``reorth_every=N`` re-orthonormalises X by QR
     every N steps (0, the default, never does, as released: X then drifts slowly off orthogonality).
@@ -24,6 +27,8 @@ class CayleySGD(Optimizer):
             raise ValueError(f"CayleySGD: lr must be > 0, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"CayleySGD: momentum must be in [0, 1), got {momentum}")
+        if not 0 < q < 1:
+            raise ValueError(f"CayleySGD: q must be in (0, 1) (the retraction's contraction factor), got {q}")
         if s < 0 or reorth_every < 0:
             raise ValueError(f"CayleySGD: s and reorth_every must be >= 0, got s={s}, reorth_every={reorth_every}")
         super().__init__(params, dict(lr=lr, momentum=momentum, q=q, s=s, eps=eps, reorth_every=reorth_every))
@@ -50,10 +55,10 @@ class CayleySGD(Optimizer):
                 M = Omega @ X
                 state["momentum_buffer"] = M
                 norm = torch.linalg.matrix_norm(Omega)
-                alpha = torch.clamp(1.0 / (norm + group["eps"]), max=group["lr"])[..., None, None]
+                alpha = torch.clamp(2.0 * group["q"] / (norm + group["eps"]), max=group["lr"])[..., None, None]
                 Y = X + alpha * M
                 for _ in range(group["s"]):
-                    Y = X + (group["q"] * alpha) * (Omega @ (X + Y))
+                    Y = X + (0.5 * alpha) * (Omega @ (X + Y))
                 X.copy_(Y)
                 state["step"] += 1
                 if group["reorth_every"] and state["step"] % group["reorth_every"] == 0:
