@@ -14,7 +14,12 @@ def hyperspherical_energy(W, s: float = 1, reduction: str = "sum", eps: float = 
     ``effective_weight()`` or ``weight``) may be passed for W.
     """
     if isinstance(W, nn.Module):
+        if not hasattr(W, "effective_weight") and not isinstance(getattr(W, "weight", None), Tensor):
+            raise TypeError(f"hyperspherical_energy: a module needs a weight tensor (or effective_weight()); "
+                            f"{type(W).__name__} has none: pass one of its weights")
         W = W.effective_weight() if hasattr(W, "effective_weight") else W.weight
+    if not isinstance(W, Tensor):
+        raise TypeError(f"hyperspherical_energy: W must be a tensor [n, ...] or a module, got {type(W).__name__}")
     if reduction not in ("sum", "mean"):
         raise ValueError(f"hyperspherical_energy: reduction must be 'sum' or 'mean', got {reduction!r}")
     if s < 0:
@@ -22,6 +27,8 @@ def hyperspherical_energy(W, s: float = 1, reduction: str = "sum", eps: float = 
     if W.dim() < 2 or W.shape[0] < 2:
         raise ValueError(f"hyperspherical_energy: W needs at least 2 neurons (rows) [n, ...], got {list(W.shape)}")
     V = W.reshape(W.shape[0], -1)
+    if V.dtype in (torch.float16, torch.bfloat16) or not (V.is_floating_point() or V.is_complex()):
+        V = V.float()  # a half-precision (or integer) layer's weight: cdist has no half kernel on the CPU
     V = V / V.norm(dim=1, keepdim=True).clamp_min(eps)
     n = V.shape[0]
     # Distances from the differences, not from 2 − 2cos, which loses digits for close neurons.

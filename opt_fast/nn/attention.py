@@ -27,7 +27,7 @@ class OPTMultiheadAttention(nn.MultiheadAttention):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, batch_first: bool = False, method="gram_schmidt", *,
-                 init: str = "reference", stochastic: Optional[float] = None, sample: str = "coordinate",
+                 init: Optional[str] = None, stochastic: Optional[float] = None, sample: str = "coordinate",
                  num_reflectors: Optional[int] = None, device=None, dtype=None):
         nn.Module.__init__(self)  # not nn.MultiheadAttention's: it would register the packed Parameters
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:

@@ -64,6 +64,12 @@ class OPTLayer(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.fan_in = d = in_channels * math.prod(kernel_size)
         self.stochastic, self.sample = stochastic, sample
+        # options of another method or mode are refused, not ignored (as convert does)
+        if num_reflectors is not None and self.method.name != "householder":
+            raise ValueError(f"opt_fast.nn: num_reflectors is an option of method 'householder', not "
+                             f"{self.method.name!r}")
+        if sample not in _stoch.SAMPLES:
+            raise ValueError(f"opt_fast.nn: unknown sample {sample!r}; valid: {', '.join(_stoch.SAMPLES)}")
 
         W0 = torch.empty((out_channels, in_channels) + tuple(kernel_size), **factory)
         self.register_buffer("W0", W0)
@@ -255,7 +261,11 @@ class OPTLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        if strict and prefix + "W0" not in state_dict:
+        # torch passes strict=True here even for load_state_dict(strict=False): refuse only a state_dict that
+        # sets this layer's weight or rotation without its W0 (a plain layer's, or R for other neurons), not
+        # a partial one that leaves them out (torch's missing_keys report W0; strict loading refuses it)
+        sets_weight = any(prefix + k in state_dict for k in (self.method.param_name, "weight"))
+        if strict and sets_weight and prefix + "W0" not in state_dict:
             hint = (" (it looks like a plain layer's state_dict: use opt_fast.nn.convert(model, "
                     "keep_weights=True) to start from pretrained weights)" if prefix + "weight" in state_dict
                     and self.method.name != "none" else "")

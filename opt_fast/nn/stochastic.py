@@ -22,7 +22,7 @@ SAMPLES = ("coordinate", "channel")
 
 def subset_size(d: int, in_channels: int, fraction: float, sample: str = "coordinate") -> int:
     """How many fan-in indices ``sample_indices`` draws (it checks the arguments)."""
-    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:  # True: 1
         raise ValueError(f"opt_fast.nn: stochastic must be a fraction in (0, 1], got {fraction!r}")
     if sample == "coordinate":
         return max(1, round(fraction * d))
