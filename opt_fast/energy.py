@@ -11,13 +11,15 @@ def hyperspherical_energy(W, s: float = 1, reduction: str = "sum", eps: float = 
       "mean" = that sum / (n(n−1))                       (= the mean over unordered pairs)
     eps floors the norms and the distances (coincident neurons give a large finite value, not inf).
     Unlike the MHE code, s = 0 uses log(1/z), not log(1/z²). An OPT layer (or any module with
-    ``effective_weight()`` or ``weight``) may be passed for W.
+    ``effective_weight()`` or ``weight``; transformers' Conv1D's [in, out] weight is transposed) may be
+    passed for W.
     """
     if isinstance(W, nn.Module):
         if not hasattr(W, "effective_weight") and not isinstance(getattr(W, "weight", None), Tensor):
             raise TypeError(f"hyperspherical_energy: a module needs a weight tensor (or effective_weight()); "
                             f"{type(W).__name__} has none: pass one of its weights")
-        W = W.effective_weight() if hasattr(W, "effective_weight") else W.weight
+        from .nn.convert import _as_linear   # lazy: opt_fast.nn is heavier than this module
+        W = W.effective_weight() if hasattr(W, "effective_weight") else _as_linear(W)[2]   # GPT-2 Conv1D: Wᵀ
     if not isinstance(W, Tensor):
         raise TypeError(f"hyperspherical_energy: W must be a tensor [n, ...] or a module, got {type(W).__name__}")
     if reduction not in ("sum", "mean"):

@@ -180,3 +180,49 @@ def test_loads_and_merges_that_change_nothing_or_something_say_so():
         assert merge_and_reset(convert(nn.Sequential(nn.Linear(8, 8)), method="cayley")) == 0
     with pytest.warns(UserWarning, match="merged every 10 steps, this schedule every 20"):
         MergeSchedule(a, every=20).load_state_dict(MergeSchedule(a, every=10).state_dict())
+
+
+@pytest.mark.parametrize("kw", [dict(method="gram_schmidt"), dict(method="cayley", block_size=16, sides="both"),
+                                dict(method="cayley_neumann", block_size=16, sides="in")])
+def test_gpt2_conv1d_layers_are_converted_trained_and_merged_back_into_conv1d(kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    before, conv1d = model(ids).logits, type(model.transformer.h[0].attn.c_attn)
+    with pytest.warns(UserWarning, match="lm_head"):   # tied to the embedding; every Conv1D converted
+        m = convert(model, keep_weights=True, **kw)
+    blocks = m.transformer.h[0]
+    assert all("OPT" in type(x).__name__ for x in (blocks.attn.c_attn, blocks.attn.c_proj, blocks.mlp.c_fc,
+                                                   blocks.mlp.c_proj))
+    torch.testing.assert_close(m(ids).logits, before, atol=1e-5, rtol=1e-5)   # R = I: the same model
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        m(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    m.eval()
+    trained = m(ids).logits
+    assert not torch.allclose(trained, before, atol=1e-4)
+    merged = merge(m)
+    assert type(merged.transformer.h[0].attn.c_attn) is conv1d
+    plain = transformers.GPT2LMHeadModel(cfg).eval()
+    plain.load_state_dict(merged.state_dict())       # the checkpoint layout of the original model
+    torch.testing.assert_close(plain(ids).logits, trained, atol=1e-5, rtol=1e-5)
+
+
+def test_converting_nothing_says_so():
+    with pytest.warns(UserWarning, match="no layer was converted"):
+        convert(nn.Sequential(nn.ReLU(), nn.Embedding(4, 4)))
+    with pytest.warns(UserWarning, match="nn.Linear only with block_size"):
+        convert(nn.Sequential(nn.Conv2d(2, 2, 3)), block_size=2)
+
+
+def test_energy_of_a_gpt2_conv1d_is_that_of_its_neurons():
+    transformers = pytest.importorskip("transformers")
+    from opt_fast import hyperspherical_energy
+    layer = transformers.pytorch_utils.Conv1D(6, 4)      # 6 neurons of fan-in 4, stored [4, 6]
+    torch.testing.assert_close(hyperspherical_energy(layer), hyperspherical_energy(layer.weight.detach().T))

@@ -1,6 +1,7 @@
 """Model surgery: ``convert`` swaps nn.Linear / nn.Conv1d / nn.Conv2d / nn.MultiheadAttention for OPT layers
 (or, with a block size, nn.Linear for block-orthogonal layers), ``merge`` swaps them back for plain layers
-holding the effective weight (inference, export)."""
+holding the effective weight (inference, export). transformers' ``Conv1D`` (GPT-2's linear layer, weight
+stored [in, out]) is taken as the nn.Linear it is, and merged back into a Conv1D."""
 import copy
 import warnings
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -22,9 +23,27 @@ _TARGETS = {nn.Linear: OPTLinear, nn.Conv1d: OPTConv1d, nn.Conv2d: OPTConv2d,
             nn.MultiheadAttention: OPTMultiheadAttention}
 
 
+def _is_gpt_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2, OpenAI GPT, ImageGPT): y = x W + b with W [in, out], a transposed Linear.
+    Recognised by class without importing transformers."""
+    kind = type(module)
+    return (kind.__name__ == "Conv1D" and kind.__module__.split(".")[0] == "transformers"
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
+def _as_linear(module: nn.Module) -> Tuple[int, int, torch.Tensor]:
+    """(in_features, out_features, weight in PyTorch layout [out, in, ...]) of an nn.Linear (or a module
+    with a weight) or a transformers Conv1D."""
+    if _is_gpt_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1], module.weight.mT
+    return getattr(module, "in_features", None), getattr(module, "out_features", None), module.weight
+
+
 def _why_not(module: nn.Module, block: bool = False) -> Optional[str]:
     """None if ``module`` can become an OPT layer, else the reason it cannot."""
     kind = type(module)
+    if _is_gpt_conv1d(module):
+        return None
     if block and kind in _TARGETS and kind is not nn.Linear:
         return f"{kind.__name__}: block-orthogonal layers (block_size set) replace nn.Linear only"
     if kind not in _TARGETS:
@@ -32,7 +51,8 @@ def _why_not(module: nn.Module, block: bool = False) -> Optional[str]:
         if base is not None:  # e.g. MultiheadAttention's out_proj, converted with its parent
             return (f"{kind.__name__} is a subclass of nn.{base}; only exact nn.Linear/Conv1d/Conv2d/"
                     f"MultiheadAttention are converted (an attention's out_proj is converted with it)")
-        return f"{kind.__name__} is not supported (only nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)"
+        return (f"{kind.__name__} is not supported (only nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention "
+                f"and transformers' Conv1D)")
     if kind is nn.MultiheadAttention:
         return _attention.why_not(module)
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) or isinstance(
@@ -49,7 +69,7 @@ def _why_not(module: nn.Module, block: bool = False) -> Optional[str]:
 def _candidates(model: nn.Module) -> Dict[str, nn.Module]:
     inside_attention = _attention.out_projections(model)
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention))
+            if (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)) or _is_gpt_conv1d(m))
             and not isinstance(m, _OPT_MODULES) and id(m) not in inside_attention}
 
 
@@ -106,8 +126,9 @@ def _build(module: nn.Module, keep_weights: bool, layer_kwargs) -> nn.Module:
         return OPTMultiheadAttention.from_module(module, keep_weights, **layer_kwargs)
     w = module.weight
     kwargs = dict(layer_kwargs, bias=module.bias is not None, device=w.device, dtype=w.dtype)
-    if isinstance(module, nn.Linear):
-        layer = OPTLinear(module.in_features, module.out_features, **kwargs)
+    if isinstance(module, nn.Linear) or _is_gpt_conv1d(module):
+        fan_in, fan_out, w = _as_linear(module)
+        layer = OPTLinear(fan_in, fan_out, **kwargs)
     else:
         layer = _TARGETS[type(module)](module.in_channels, module.out_channels, module.kernel_size,
                                        stride=module.stride, padding=module.padding, dilation=module.dilation,
@@ -121,10 +142,10 @@ def _build(module: nn.Module, keep_weights: bool, layer_kwargs) -> nn.Module:
     return layer
 
 
-def _build_block(module: nn.Linear, keep_weights: bool, block_kwargs) -> OPTBlockLinear:
-    w = module.weight
-    layer = OPTBlockLinear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device=w.device, dtype=w.dtype, **block_kwargs)
+def _build_block(module: nn.Module, keep_weights: bool, block_kwargs) -> OPTBlockLinear:
+    fan_in, fan_out, w = _as_linear(module)
+    layer = OPTBlockLinear(fan_in, fan_out, bias=module.bias is not None, device=w.device, dtype=w.dtype,
+                           **block_kwargs)
     if keep_weights:  # R = I at the start: the layer computes what the module did
         with torch.no_grad():
             layer.W0.copy_(w)
@@ -151,6 +172,7 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
             permute: bool = True, terms: int = 5, recompute: bool = False) -> nn.Module:
     """Replace ``model``'s nn.Linear / nn.Conv1d / nn.Conv2d (groups=1) by OPT layers, in place, and each
     nn.MultiheadAttention by an OPTMultiheadAttention (its q, k, v and out projections as OPT layers).
+    transformers' Conv1D (GPT-2) counts as the nn.Linear it is; merge() gives a Conv1D back.
 
     method: see opt_fast.nn.METHODS (default "gram_schmidt"). init: None / "default" (the released code's
     init, except orth_reg: a random orthogonal R), "reference" (the released code's init) or "identity"
@@ -232,6 +254,8 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
         if id(module) not in converted:
             new = (_build_block(module, keep_weights, block_kwargs) if block
                    else _build(module, keep_weights, layer_kwargs))
+            if _is_gpt_conv1d(module):
+                new._opt_merge_as = type(module)  # merge() gives a Conv1D again (checkpoints keep their layout)
             converted[id(module)] = (module, _carry_over(module, new))
             if _has_hooks(module):
                 hooked.append(name or "<root>")
@@ -243,6 +267,10 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
         if strict:
             raise ValueError(f"opt_fast.nn.convert: cannot convert {msg}")
         warnings.warn(f"opt_fast.nn.convert: left {len(skipped)} layer(s) unconverted: {msg}", stacklevel=2)
+    if not converted:
+        warnings.warn("opt_fast.nn.convert: no layer was converted (nothing convertible outside `exclude`: "
+                      "nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention, transformers' Conv1D"
+                      + (", nn.Linear only with block_size" if block else "") + ")", stacklevel=2)
 
     for old, new in converted.values():
         if old is model:
@@ -258,7 +286,11 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
 def _plain(layer: nn.Module) -> nn.Module:
     w = layer.effective_weight().detach()
     kwargs = dict(bias=layer.bias is not None, device=w.device, dtype=w.dtype)
-    if isinstance(layer, (OPTLinear, OPTBlockLinear)):
+    merge_as = layer.__dict__.get("_opt_merge_as")
+    if merge_as is not None:  # transformers' Conv1D(nf, nx): weight [in, out]
+        plain = merge_as(layer.out_features, layer.in_features).to(device=w.device, dtype=w.dtype)
+        w = w.mT
+    elif isinstance(layer, (OPTLinear, OPTBlockLinear)):
         plain = nn.Linear(layer.in_features, layer.out_features, **kwargs)
     else:
         kind = nn.Conv2d if isinstance(layer, OPTConv2d) else nn.Conv1d
