@@ -55,8 +55,20 @@ def openmp_flags(torch):
     return []
 
 
+# Commands that only write metadata or a source archive: they need neither torch nor a compiler, so that
+# `python -m build --sdist` (isolated: no torch there) and `python setup.py sdist` work anywhere.
+NO_BUILD_COMMANDS = {"sdist", "egg_info", "dist_info"}
+BUILD_COMMANDS = {"build", "build_ext", "build_py", "bdist", "bdist_wheel", "bdist_egg", "install", "develop",
+                  "editable_wheel"}
+
+
+def source_only(argv):
+    args = set(argv[1:])
+    return bool(args & NO_BUILD_COMMANDS) and not args & BUILD_COMMANDS
+
+
 def extensions():
-    if flag("OPT_FAST_NO_EXT"):
+    if flag("OPT_FAST_NO_EXT") or source_only(sys.argv):
         return [], {}
     try:
         import torch

@@ -36,3 +36,15 @@ def test_readme_keeps_newest_per_device(tmp_path):
     text = readme_md.read_text()
     assert "headline of cpu-x-2026-01-02_0900" in text and "headline of gpu-y-2026-01-01_1200" in text
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+
+
+def test_report_options_fail_cleanly():
+    """A wrong option is argparse's one-line error (exit 2), not a traceback from torch.set_num_threads or a
+    budget silently read as none; --budget 0 is a budget (nothing after the headline), not the default."""
+    import pytest
+    for bad in (["--threads", "0"], ["--threads", "x"], ["--budget", "-1"], ["--budget", "nan"], ["--ops", "qr"]):
+        with pytest.raises(SystemExit) as e:
+            report.parse_args(bad)
+        assert e.value.code == 2, bad
+    assert report.parse_args(["--budget", "0"]).budget == 0.0
+    assert report.parse_args(["--ops", "cayley", "lowdin", "cayley"]).ops == ["cayley", "lowdin"]

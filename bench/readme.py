@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=RESULTS)
     p.add_argument("--readme", default=README)
     args = p.parse_args(argv)
+    if not os.path.isdir(args.results):
+        raise SystemExit(f"readme.py: no results folder {args.results}: run `make bench` first (or pass --results DIR)")
+    if not os.path.isfile(args.readme):
+        raise SystemExit(f"readme.py: no README file {args.readme}")
     old = older_files(args.results)
     body = snippet(args.results)
     if not body:

@@ -14,6 +14,7 @@ bench/README.md.
 """
 import argparse
 import datetime
+import glob
 import json
 import os
 import sys
@@ -48,6 +49,26 @@ BUDGETS = {
 CUDA_MIN_ROUNDS = 50   # docs/performance.md: median of ≥ 50 runs on a GPU
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:   # also NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,15 +83,17 @@ def parse_args(argv=None):
     p.add_argument("--no-blocks", action="store_true", help="skip the block-orthogonal layer table")
     p.add_argument("--headline-only", action="store_true", help="the headline alone (no block layers, end to "
                    "end, targets or other cases)")
-    p.add_argument("--budget", type=float, help="wall-time cap in seconds for the cases after the headline "
-                   "(those left when it runs out are marked skipped); default: none, or 5 min for the "
-                   "default size. The headline is never cut")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads. Default on CPU: torch's choice, or 1 "
-                   "when other work keeps all but half a core busy as the run starts (a busy shared machine: "
-                   "torch's OpenMP regions then cost a scheduler tick each)")
+    p.add_argument("--budget", type=_seconds, help="wall-time cap in seconds for the cases after the headline "
+                   "(those left when it runs out are marked skipped; 0: none of them); default: none, or 5 min "
+                   "for the default size. The headline is never cut")
+    p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads. Default on CPU: torch's "
+                   "choice, or 1 when other work keeps all but half a core busy as the run starts (a busy shared "
+                   "machine: torch's OpenMP regions then cost a scheduler tick each)")
     p.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
                    help="torch.set_float32_matmul_precision (default: highest, i.e. no TF32)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.ops = list(dict.fromkeys(args.ops))   # `--ops cayley cayley` would time every case twice
+    return args
 
 
 def resolve_device(name):
@@ -125,7 +148,7 @@ def run(args) -> dict:
                                          "max_rounds": max(b.max_rounds, CUDA_MIN_ROUNDS)})
                                for b in (budget, head_budget))
     total_s, train_s, layers_s = cfg["total_s"], cfg["train_s"], cfg["layers_s"]
-    if args.budget:   # a user budget: the end-to-end sections may use up to 35% and 15% of it
+    if args.budget is not None:   # a user budget: the end-to-end sections may use up to 35% and 15% of it
         total_s, train_s, layers_s = args.budget, 0.35 * args.budget, 0.15 * args.budget
 
     head_cases = headline.cases(size, args.ops)
@@ -228,8 +251,27 @@ def write(res: dict, out_dir: str) -> dict:
     return paths
 
 
+def extension_problem():
+    """Why this run would time opt_fast's reference kernels instead of its C++ extension, or None. report.py
+    imports the opt_fast of this checkout (not an installed copy), so after a non-editable `pip install .` the
+    checkout has no opt_fast/_C*.so and every opt_fast row would time the pure-PyTorch fallback."""
+    import opt_fast
+    from opt_fast import _backends
+    if _backends.ext_error is None or any(map(_backends.env_flag, ("OPT_FAST_DISABLE_EXT", "OPT_FAST_NO_EXT"))):
+        return None   # loaded, or the references asked for (`make bench OPT_FAST_NO_EXT=1` builds none)
+    where = os.path.dirname(opt_fast.__file__)
+    why = (f"it has no {os.path.join(where, '_C*.so')}" if not glob.glob(os.path.join(where, "_C*.so"))
+           else f"its opt_fast._C did not load: {_backends.ext_error}")
+    return (f"report.py: the opt_fast it imports ({where}) runs without its C++ extension ({why}), so its rows "
+            f"would time the reference kernels. Build the extension in this checkout: `make build` (or `pip "
+            f"install --no-build-isolation -e .`); or set OPT_FAST_DISABLE_EXT=1 to benchmark the references")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = extension_problem()
+    if problem:
+        sys.exit(problem)
     res = run(args)
     paths = write(res, args.out)
     print_report(res, paths)

@@ -13,6 +13,7 @@
    and functional.orthogonalize_approx's Triton kernel (``_backends.triton_approx``).
 """
 import functools
+import importlib.util
 import logging
 import os
 import warnings
@@ -349,6 +350,10 @@ def _load_extension():
     if _backends.env_flag("OPT_FAST_DISABLE_EXT"):
         return
     try:
+        if importlib.util.find_spec(f"{__package__}._C") is None:
+            # Python's own message here, "cannot import name '_C' ... (most likely due to a circular
+            # import)", sends users the wrong way
+            raise ModuleNotFoundError(f"{__package__}._C is not built or not installed")
         from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY_IMPL registrars)
     except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
         _backends.ext_error = e
@@ -356,11 +361,21 @@ def _load_extension():
             raise ImportError(
                 f"opt_fast: the C++ extension opt_fast._C failed to load ({e}) and OPT_FAST_REQUIRE_EXT=1; "
                 "rebuild with `pip install --no-build-isolation .`") from e
+        if isinstance(e, ModuleNotFoundError) and not _in_source_tree():
+            # an install without the extension (OPT_FAST_NO_EXT=1) chose the references: no warning
+            _backends.ext_error = ModuleNotFoundError("installed without the C++ extension (pure Python): every op "
+                                                      "is served by its reference")
+            return
         warnings.warn(
             f"opt_fast: the C++/CUDA extension opt_fast._C did not load ({e}); every op falls back to its "
             "pure-PyTorch reference kernel (correct, but slow; Triton kernels still serve CUDA where they "
             "exist). Rebuild against the installed torch with `pip install --no-build-isolation .`, or set "
             "OPT_FAST_DISABLE_EXT=1 to use the references without this warning.", RuntimeWarning)
+
+
+def _in_source_tree() -> bool:
+    """A checkout (setup.py beside the package), where a missing _C means a forgotten build."""
+    return os.path.exists(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py"))
 
 
 # ---- 5. Triton ------------------------------------------------------------------------------------

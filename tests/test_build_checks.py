@@ -104,3 +104,52 @@ def test_extension_parallelises_with_torchs_openmp():
     with open("/proc/self/maps") as f:
         gomps = {line.split()[-1] for line in f if "libgomp" in line}
     assert len(gomps) <= 1, f"two OpenMP runtimes loaded: {sorted(gomps)}"
+
+
+def test_sdist_needs_no_torch_and_ships_the_sources(tmp_path):
+    """`python -m build --sdist` runs setup.py in an isolated environment without torch: the source archive
+    must build there (setup.py skips the extension for sdist / egg_info) and hold everything a build from it
+    needs: the in-tree backend, every C++/CUDA source and header, the Triton kernels; and no partial test
+    suite (setuptools adds tests/test*.py by default, without their helpers)."""
+    import subprocess
+    import tarfile
+    hide_torch = ("import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'egg_info', '--egg-base', "
+                  f"{str(tmp_path)!r}, 'sdist', '--dist-dir', {str(tmp_path)!r}]; import runpy; "
+                  "runpy.run_path('setup.py', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", hide_torch], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for folder in ("csrc", "triton_kernels", "tools"):
+        tracked = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, folder))
+                   for f in fs if f.endswith((".cpp", ".cu", ".h", ".cuh", ".py"))}
+        assert tracked and tracked <= names, sorted(tracked - names)
+    assert {"setup.py", "pyproject.toml", "README.md", "opt_fast/__init__.py"} <= names
+    assert not any(n.startswith("tests/") for n in names)
+
+
+@pytest.mark.parametrize("checkout", [False, True])
+def test_a_copy_without_the_extension_is_quiet_when_installed_and_warns_in_a_checkout(tmp_path, checkout):
+    """A pure-Python install (OPT_FAST_NO_EXT=1) chose the references: no warning at import, backend_report
+    says so. An unbuilt checkout (setup.py beside the package) warns: a build was forgotten. Neither gives
+    Python's misleading "circular import" message."""
+    import shutil
+    import subprocess
+    shutil.copytree(os.path.join(ROOT, "opt_fast"), tmp_path / "opt_fast",
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    if checkout:
+        (tmp_path / "setup.py").write_text("")
+    code = ("import sys, warnings; warnings.simplefilter('always')\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]  # an editable opt_fast\n"
+            f"sys.path.insert(0, {str(tmp_path)!r})\n"
+            "import opt_fast, torch\n"
+            "assert opt_fast.__file__.startswith(sys.path[0]), opt_fast.__file__\n"
+            "print(opt_fast.backend_report().splitlines()[-1])\n"
+            "print(torch.ops.opt_fast.cayley(torch.zeros(1, 2, 2)).tolist())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPT_FAST_")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "[[[1.0, 0.0], [0.0, 1.0]]]" in run.stdout and "circular" not in run.stdout + run.stderr
+    assert ("did not load" in run.stderr) == checkout, run.stderr[-2000:]
+    assert ("installed without the C++ extension" in run.stdout) != checkout, run.stdout
