@@ -226,3 +226,23 @@ def test_energy_of_a_gpt2_conv1d_is_that_of_its_neurons():
     from opt_fast import hyperspherical_energy
     layer = transformers.pytorch_utils.Conv1D(6, 4)      # 6 neurons of fan-in 4, stored [4, 6]
     torch.testing.assert_close(hyperspherical_energy(layer), hyperspherical_energy(layer.weight.detach().T))
+
+
+@pytest.mark.parametrize("kw", [dict(method="cayley"), dict(block_size=4), dict(method="lowdin")])
+def test_torchscript_is_refused_with_what_works_and_merged_models_trace(kw):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    if "block_size" not in kw:
+        model.append(nn.Unflatten(1, (1, 4)))
+        model.append(nn.Conv1d(1, 2, 3))
+    m = convert(model, **kw).eval()
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # torch deprecates both
+        with pytest.raises(RuntimeError, match="torch.jit.trace cannot record OPT.*torch.export.*merge"):
+            torch.jit.trace(m, x)
+        with pytest.raises(RuntimeError, match="torch.jit.script cannot compile OPT.*merge"):
+            torch.jit.script(m)
+        traced = torch.jit.trace(merge(m), x)
+    torch.testing.assert_close(traced(x), m(x))
+    exported = torch.export.export(m, (x,)).module()
+    torch.testing.assert_close(exported(x), m(x))

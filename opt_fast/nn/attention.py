@@ -16,11 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from .layers import OPTLinear
+from .torchscript import RefuseScripting
 
 _DERIVED = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
-class OPTMultiheadAttention(nn.MultiheadAttention):
+class OPTMultiheadAttention(RefuseScripting, nn.MultiheadAttention):
     """nn.MultiheadAttention's signature plus the OPT options of OPTLinear (method, init, stochastic, sample,
     num_reflectors), applied to each of the four projections."""
 

@@ -42,6 +42,7 @@ from . import extra_state
 from .block_methods import BlockMap, get_block_method
 from .checkpointing import maps_saved_as_they_are
 from .layers import _HALF, apply_keeping_float32
+from .torchscript import RefuseScripting, refuse_tracing
 
 SIDES = ("in", "out", "both")
 
@@ -80,7 +81,7 @@ def _uses(sides: str, side: str) -> bool:
     return sides == "both" or sides == side
 
 
-class OPTBlockLinear(nn.Module):
+class OPTBlockLinear(RefuseScripting, nn.Module):
     """nn.Linear's signature plus the block options: y = x Wᵀ + b with W = R_out W0 R_inᵀ (module docstring).
 
     method: "cayley_neumann" (default), "cayley", "gram_schmidt", "householder" or "lowdin".
@@ -203,6 +204,7 @@ class OPTBlockLinear(nn.Module):
         return self._forward_impl(x, rotation("in", P_in), rotation("out", P_out))
 
     def forward(self, x: Tensor) -> Tensor:
+        refuse_tracing(self)
         if self.recompute and torch.is_grad_enabled():
             # the maps and the inner activation are recomputed in backward: only x (and the parameters) are
             # kept, and this layer's maps are its own calls, outside the group's batched call

@@ -16,6 +16,7 @@ from . import extra_state
 from . import stochastic as _stoch
 from .checkpointing import maps_saved_as_they_are
 from .methods import METHODS, Method, get_method, normalize_init
+from .torchscript import RefuseScripting, refuse_tracing
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -42,7 +43,7 @@ def keep_warm_start(buffer: Tensor, R: Tensor) -> None:
         buffer.copy_(R.detach())
 
 
-class OPTLayer(nn.Module):
+class OPTLayer(RefuseScripting, nn.Module):
     """Shared machinery of OPTLinear / OPTConv1d / OPTConv2d (not used directly).
 
     OPT options (keyword-only on the concrete layers):
@@ -154,6 +155,7 @@ class OPTLayer(nn.Module):
 
     def weight_matrix(self) -> Tensor:
         """The effective weight V = V0 Rᵀ as an [n, d] matrix (in W0's dtype; formed in R's)."""
+        refuse_tracing(self)
         core = self._core()
         V0 = self._V0()
         if self.direct:
