@@ -103,8 +103,9 @@ class HouseholderQR(Method):
     def rotation(self, P, R0=None):
         Q = _ops.gram_schmidt(P, 0)
         d = Q.shape[-1]
-        # sign(det Q) is piecewise constant: no gradient through it.
-        flip = torch.linalg.det(Q.detach()).sign() * (-1.0) ** (d - 1)
+        # sign(det Q) is piecewise constant: no gradient through it. From slogdet, not det: det's product of
+        # LU pivots underflows to -0.0 in float32 from d ~ 500 (sign 0 would zero R's last column).
+        flip = torch.linalg.slogdet(Q.detach()).sign * (-1.0) ** (d - 1)
         scale = torch.cat([torch.ones_like(Q[..., 0, :-1]), flip.unsqueeze(-1)], dim=-1)
         return Q * scale.unsqueeze(-2)
 

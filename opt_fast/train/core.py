@@ -377,9 +377,6 @@ def _train(cfg: TrainConfig, dist: Dist, return_model: bool):
         step_time = (time.perf_counter() - t0) / len(batches)
         tot_loss, tot_correct, tot_n = dist.all_sum([tot_loss, tot_correct, tot_n], device)
         dist.average_bn_stats(model)
-        if cfg.stochastic is not None and (epoch + 1) % cfg.episode_epochs == 0 and epoch + 1 < cfg.epochs:
-            g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            resample(model, reset_bn=cfg.reset_bn, generator=g)
         test_acc = evaluate(model, data.x_test, data.y_test, device)
         energies = layer_energies(model)
         drift = {n: abs(energies[n] - energy0[n]) / energy0[n] for n in energies}
@@ -388,6 +385,10 @@ def _train(cfg: TrainConfig, dist: Dist, return_model: bool):
                "energy": energies, "energy_drift": drift,
                "mean_energy_drift": float(np.mean(list(drift.values()))) if drift else 0.0}
         history.append(rec)
+        if cfg.stochastic is not None and (epoch + 1) % cfg.episode_epochs == 0 and epoch + 1 < cfg.epochs:
+            # S-OPT: end the episode after its test pass, as released (--reset-bn's BN reset must not reach it)
+            g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+            resample(model, reset_bn=cfg.reset_bn, generator=g)
         if main:
             print(f"epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} train {rec['train_acc']:.4f} "
                   f"test {test_acc:.4f} {step_time * 1e3:.1f} ms/step energy drift {rec['mean_energy_drift']:.2e}",
