@@ -114,7 +114,8 @@ def cayley_neumann(S: Tensor, terms: int = 5) -> Tensor:
     """The truncated Cayley map (I + A) Σ_{i=0..terms} Aⁱ of the skew part A = (S − Sᵀ)/2 of each square block
     of S ([..., b, b]); for a skew-symmetric S, the Neumann-series approximation of the exact
     ``cayley(S)`` = (I + S)(I − S)⁻¹, orthogonal up to about 2‖S‖₂^(terms+1). PEFT's OFT with
-    ``num_cayley_neumann_terms = n`` is ``terms = n − 2``; POET's ``k`` terms are ``terms = k``.
+    ``num_cayley_neumann_terms = n`` is ``terms = n − 2`` (n ≥ 4; its n = 3 computes n = 4); POET's ``k``
+    terms are ``terms = k``.
 
     When a gradient is needed this takes ``torch.ops.opt_fast.cayley_neumann_powers``, the same map keeping
     the powers of A so that the backward does not recompute them."""

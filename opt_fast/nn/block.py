@@ -87,7 +87,8 @@ class OPTBlockLinear(RefuseScripting, nn.Module):
     method: "cayley_neumann" (default), "cayley", "gram_schmidt", "householder" or "lowdin".
     block_size: b (required). sides: "in", "out" or "both". permute: conjugate the blocks by a random
     permutation (redrawn at every merge). terms: Neumann terms of "cayley_neumann" (POET's k; PEFT's
-    num_cayley_neumann_terms = terms + 2). recompute: save only x for backward (see module docstring).
+    num_cayley_neumann_terms = terms + 2, for terms >= 2). recompute: save only x for backward (see module
+    docstring).
     W0 is drawn N(0, 1/in) (variance-preserving); convert(..., keep_weights=True) sets it to a pretrained
     weight instead.
     """

@@ -15,7 +15,8 @@ skew(grad_A), which is what makes the fused backward cheap (see csrc/cpu/cayley_
 Conventions of other codes, in terms of this op:
 * POET writes (I + Q)(I + Σ_{i=1..k} Qⁱ): the same k.
 * PEFT's OFT with ``num_cayley_neumann_terms = n`` computes I + 2Q + … + 2Q^(n−2) + Q^(n−1): k = n − 2
-  (n ≥ 3), for Q = skew from the upper triangle vector, i.e. S = Q.
+  (n ≥ 4; its n = 3 computes what n = 4 does, k = 2, and n = 2 gives I + 2Q, no k), for Q = skew from the
+  upper triangle vector, i.e. S = Q.
 
 ``cayley_neumann_powers`` is the same map returning, besides R, the powers Yʲ = (A·A)ʲ for
 j = 1 .. ⌊k/2⌋ (stacked on dim -3), which its backward reuses instead of recomputing them.

@@ -4,8 +4,9 @@ Builds a plain network (cnn6 / cnn6-cp / resnet18 / small), converts it with
 ``opt_fast.nn.convert(model, method=..., exclude=["score"])`` and trains it with a recipe (recipes.py,
 docs/training.md): ``default`` trains out of the box on short runs (digits in 10 epochs), ``reference``
 is the released TF code's CIFAR-100 recipe (SGD momentum 0.9, lr 0.1 ×0.1 at 40/67/87 % of training,
-coupled weight decay 5e-4, label smoothing 0.01, BN eps 1e-3 momentum 0.001, N(0, 1) init, 75k
-iterations). ``ogd`` trains R with CayleySGD (lr 0.02, ×0.2) and the rest with SGD; ``orth_reg`` adds
+coupled weight decay 5e-4, label smoothing 0.01, BN eps 1e-3 momentum 0.001, N(0, 1) init, 192 epochs:
+74,880 iterations, the released 75k in whole passes). ``ogd`` trains R with CayleySGD (lr 0.02, ×0.2)
+and the rest with SGD; ``orth_reg`` adds
 ``orth_reg_loss``; ``--stochastic f --episode-epochs N`` runs S-OPT episodes with ``resample`` between.
 
 Per epoch: loss, train/test accuracy, time per step, relative hyperspherical-energy drift of every OPT

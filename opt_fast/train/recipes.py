@@ -10,9 +10,10 @@ epochs where the released N(0, 1) init (an effective step √d smaller on R) nee
 ``orth_reg`` penalty 0.1·Σ‖RRᵀ − I‖²_F; the plain log-softmax cross-entropy.
 
 ``reference``: the recipe of the released TensorFlow code of OPT (github.com/wy1iu/OPT at ed64a23, the
-CIFAR-100 training scripts of every variant folder), for reproducing its CIFAR-100 runs: 75,000
-iterations of batch 128 (192 epochs of 390 steps), lr 0.1 without warm-up, BatchNorm decay 0.999
-(momentum 0.001) and eps 1e-3, the loss log(softmax + 1e-4), every learnable tensor drawn as released
+CIFAR-100 training scripts of every variant folder), for reproducing its CIFAR-100 runs: 192 epochs of 390
+steps of batch 128 (74,880 iterations: the released 75,000 in whole passes), lr 0.1 without warm-up,
+BatchNorm decay 0.999 (momentum 0.001) and eps 1e-3, the loss log(softmax + 1e-4), every learnable tensor
+drawn as released
 (``init="reference"``: P ~ N(0, 1), ogd's R = I), and for ``orth_reg`` the unsquared penalty
 0.1·Σ‖RRᵀ − I‖_F.
 
