@@ -97,6 +97,8 @@ def test_extension_parallelises_with_torchs_openmp():
     from opt_fast import _backends
     if _backends.ext_error is not None:
         pytest.skip(f"opt_fast._C not built: {_backends.ext_error}")
+    if _backends.env_flag("OPT_FAST_DISABLE_EXT"):   # importing it here would register its kernels after all
+        pytest.skip("OPT_FAST_DISABLE_EXT=1: opt_fast._C not loaded")
     import opt_fast._C as ext
     if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
         pytest.skip("torch's ATen does not parallelise with OpenMP here")
