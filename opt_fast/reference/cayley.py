@@ -15,11 +15,26 @@ I - S is never singular (its symmetric part is I).
 S is deliberately not checked for skew-symmetry: the op is the Cayley transform of any S with I - S
 invertible (forward and backward above hold for all of them), and Q is orthogonal exactly when S is skew.
 Only a singular I - S raises (torch.linalg.LinAlgError, as torch's solve); an infinite entry gives NaN.
+
+float32 from d = POLISH_MIN_D on: the inverse's rounding leaves ‖QᵀQ − I‖_F/√d growing with d (1.8e-5 at
+d = 2048 for OPT's N(0, 1) init, past the 1e-5 OPT needs), so one Newton–Schulz step follows,
+Q ← Q − ½ Q (QᵀQ − I) (docs/performance.md): ~2e-7 after it, and no further from the exact map. Skipped
+where float32 products may run in TF32 (torch.set_float32_matmul_precision other than "highest", or
+torch.backends.cuda.matmul.allow_tf32 on a GPU): their rounding is larger than what the step removes.
 """
 import torch
 from torch import Tensor
 
 from .. import _checks
+
+
+POLISH_MIN_D = 769   # the C++ kernel's kPolishMinD (csrc/cpu/cayley.cpp)
+
+
+def _full_float32_products(Q: Tensor) -> bool:
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return Q.device.type != "cuda" or not torch.backends.cuda.matmul.allow_tf32
 
 
 def cayley_ref(S: Tensor) -> Tensor:
@@ -30,6 +45,8 @@ def cayley_ref(S: Tensor) -> Tensor:
         raise torch.linalg.LinAlgError(
             "opt_fast.cayley: I - S is singular (S must be skew-symmetric, or at least have no eigenvalue 1)")
     Q = 2.0 * M - eye
+    if Q.dtype == torch.float32 and Q.shape[-1] >= POLISH_MIN_D and _full_float32_products(Q):
+        Q = Q - 0.5 * (Q @ (Q.mT @ Q - eye))
     # an infinite entry gives NaN, as torch.linalg.solve(I - S, I + S): not a finite non-orthogonal Q
     if S.numel() == 0 or bool(torch.isfinite(S.sum())):   # one reduction; the per-matrix test only if needed
         return Q
