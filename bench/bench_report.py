@@ -20,6 +20,7 @@ def test_report_headline_is_complete(tmp_path):
         assert f"| {row.op} | {row.label} |" in snippet
     assert os.path.getsize(paths["speedup"]) > 0
     assert json.load(open(paths["json"]))["peers"].keys() == set(report.peers.PACKAGES)
+    assert json.load(open(paths["json"]))["complete"] is False   # a subset: bench/readme.py leaves it out
 
 
 def test_readme_keeps_newest_per_device(tmp_path):
@@ -36,6 +37,19 @@ def test_readme_keeps_newest_per_device(tmp_path):
     text = readme_md.read_text()
     assert "headline of cpu-x-2026-01-02_0900" in text and "headline of gpu-y-2026-01-01_1200" in text
     assert "old" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+
+
+def test_readme_does_not_publish_a_partial_report(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for stem, complete in (("cpu-x-2026-01-01_1000", True), ("cpu-x-2026-01-02_0900", False)):
+        (results / f"{stem}.json").write_text(json.dumps({"complete": complete}))
+        (results / f"{stem}-headline.md").write_text(f"headline of {stem}\n")
+    readme_md = tmp_path / "README.md"
+    readme_md.write_text(f"{readme.START}\n{readme.END}\n")
+    readme.main(["--results", str(results), "--readme", str(readme_md)])
+    assert len(os.listdir(results)) == 4      # nothing deleted
+    assert "headline of cpu-x-2026-01-01_1000" in readme_md.read_text()
 
 
 def test_report_options_fail_cleanly():

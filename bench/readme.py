@@ -4,8 +4,12 @@ README.md between the ``bench-headline`` markers.
 
     python bench/readme.py            # after a `make bench` you want to publish; then commit README and results
     python bench/readme.py --dry-run  # say what it would delete and write
+
+Partial reports (``--ops``, ``--headline-only``, ``--no-*``, ``--size smoke``) are neither published nor
+counted as newer: they stay in the folder, and the last complete report stays in README.
 """
 import argparse
+import json
 import os
 import re
 import sys
@@ -19,12 +23,23 @@ START, END = "<!-- bench-headline:start -->", "<!-- bench-headline:end -->"
 NAME = re.compile(r"^(?P<device>.+)-(?P<stamp>\d{4}-\d{2}-\d{2}_\d{4})(?P<suffix>[-.].*)$")
 
 
+def partial(results: str, device: str, stamp: str) -> bool:
+    """A report of a subset (``--ops``, ``--headline-only``, ``--no-*``, ``--size smoke``): report.py marks the
+    JSON ``"complete": false``; reports from before that flag count as complete."""
+    try:
+        with open(os.path.join(results, f"{device}-{stamp}.json")) as f:
+            return json.load(f).get("complete", True) is False
+    except (OSError, ValueError):
+        return False
+
+
 def newest_per_device(results: str = RESULTS) -> Dict[str, str]:
-    """{device slug: newest stamp} over the report files in ``results``."""
+    """{device slug: newest stamp} over the complete report files in ``results`` (a quick partial run does
+    not replace, nor delete, the last full one)."""
     newest: Dict[str, str] = {}
     for f in os.listdir(results):
         m = NAME.match(f)
-        if m and m["stamp"] > newest.get(m["device"], ""):
+        if m and m["stamp"] > newest.get(m["device"], "") and not partial(results, m["device"], m["stamp"]):
             newest[m["device"]] = m["stamp"]
     return newest
 
@@ -32,7 +47,7 @@ def newest_per_device(results: str = RESULTS) -> Dict[str, str]:
 def older_files(results: str = RESULTS) -> List[str]:
     newest = newest_per_device(results)
     return sorted(os.path.join(results, f) for f in os.listdir(results)
-                  if (m := NAME.match(f)) and m["stamp"] < newest[m["device"]])
+                  if (m := NAME.match(f)) and m["stamp"] < newest.get(m["device"], ""))
 
 
 def snippet(results: str = RESULTS) -> str:

@@ -167,6 +167,9 @@ def run(args) -> dict:
     res = {"schema": 2, "date": started.strftime("%Y-%m-%d %H:%M"), "size": size, "device": str(device),
            "ops": list(args.ops), "machine": info, "peers": peers.install_status(),
            "command": os.environ.get("OPT_FAST_BENCH_COMMAND") or " ".join(["python bench/report.py"] + sys.argv[1:]),
+           # a report bench/readme.py may publish: every op, every section, not the smoke size
+           "complete": (size != "smoke" and set(args.ops) == set(C.OPS)
+                        and not (args.no_blocks or args.no_e2e or args.no_targets)),
            "budget": {"case": budget.__dict__, "headline": head_budget.__dict__, "total_s": total_s,
                       "train_s": train_s, "layers_s": layers_s}}
 
