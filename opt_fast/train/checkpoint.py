@@ -7,6 +7,8 @@ import tempfile
 
 import torch
 
+from .guards import PREFIX, fail
+
 
 def atomic_save(obj, path: str) -> None:
     """torch.save(obj) to path, atomically."""
@@ -40,19 +42,15 @@ def atomic_write(path: str, write) -> None:
         pass
 
 
-def _err(msg: str):
-    raise SystemExit(f"opt_fast.train: error: {msg}")
-
-
 def load(path: str, flag: str = "--resume"):
     """The object in checkpoint ``path``; a one-line error naming ``flag`` if it is missing or unreadable."""
     if not os.path.isfile(path):
-        _err(f"{flag} {path}: " + ("a folder, not a checkpoint file (pass its checkpoint.pt)" if os.path.isdir(path)
+        fail(f"{flag} {path}: " + ("a folder, not a checkpoint file (pass its checkpoint.pt)" if os.path.isdir(path)
                                    else "no such checkpoint file"))
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise SystemExit(f"opt_fast.train: error: {flag} {path} is not a readable checkpoint "
+        raise SystemExit(f"{PREFIX}{flag} {path} is not a readable checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                          f"use an earlier one") from None
 
@@ -69,15 +67,15 @@ def check_format(state, path: str, want: str, flag: str = "--resume") -> None:
         return
     saved = state.get("config", {}) if isinstance(state, dict) else {}
     if fmt == LM_FORMAT:
-        _err(f"{flag} {path} is an LM checkpoint (--model {saved.get('model', 'llama-*')}); use the LM workflow: "
+        fail(f"{flag} {path} is an LM checkpoint (--model {saved.get('model', 'llama-*')}); use the LM workflow: "
              f"python -m opt_fast.train --dataset {saved.get('dataset', 'stdlib')} --model "
              f"{saved.get('model', 'llama-tiny')} ... {flag} {path}")
     if fmt == CNN_FORMAT:
-        _err(f"{flag} {path} is a CNN checkpoint of opt_fast.train (--model {saved.get('model')}, --dataset "
+        fail(f"{flag} {path} is a CNN checkpoint of opt_fast.train (--model {saved.get('model')}, --dataset "
              f"{saved.get('dataset')}), not an LM one; resume it without --dataset stdlib/text and --model llama-*: "
              f"python -m opt_fast.train --model {saved.get('model')} --dataset {saved.get('dataset')} ... "
              f"--resume {path}")
-    _err(f"{flag} {path} is not a training checkpoint of opt_fast.train (no 'format' {want!r}; an --export "
+    fail(f"{flag} {path} is not a training checkpoint of opt_fast.train (no 'format' {want!r}; an --export "
          f"state_dict or another file?); pass the checkpoint.pt of a run folder")
 
 
@@ -86,24 +84,28 @@ def check_out(out, export=None) -> None:
     path whose folder we can write in (one-line errors, never a traceback at the end of training)."""
     if out:
         if os.path.exists(out) and not os.path.isdir(out):
-            _err(f"--out {out} is an existing file, not a folder; pick another --out")
-        try:
-            os.makedirs(out, exist_ok=True)
-            with tempfile.TemporaryFile(dir=out):
-                pass
-        except OSError as e:
-            _err(f"--out {out} is not a writable folder ({e.strerror or type(e).__name__}); pick another --out")
+            fail(f"--out {out} is an existing file, not a folder; pick another --out")
+        why = _unwritable(out)
+        if why:
+            fail(f"--out {out} is not a writable folder ({why}); pick another --out")
     if export:
         if os.path.isdir(export):
-            _err(f"--export {export} is a folder; give a file path (e.g. {os.path.join(export, 'plain.pt')})")
+            fail(f"--export {export} is a folder; give a file path (e.g. {os.path.join(export, 'plain.pt')})")
         folder = os.path.dirname(os.path.abspath(export))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as e:
-            _err(f"--export {export}: its folder {folder} is not writable ({e.strerror or type(e).__name__}); "
-                 f"pick another --export path")
+        why = _unwritable(folder)
+        if why:
+            fail(f"--export {export}: its folder {folder} is not writable ({why}); pick another --export path")
+
+
+def _unwritable(folder: str):
+    """None if ``folder`` can be created and written in, else why not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
 
 
 def refuse_overwrite(out, resume, extra: str = "") -> None:
@@ -112,7 +114,7 @@ def refuse_overwrite(out, resume, extra: str = "") -> None:
         return
     path = os.path.join(out, "checkpoint.pt")
     if os.path.isfile(path):
-        _err(f"--out {out} already holds a run's checkpoint ({path}); pass --resume {path} to continue it, "
+        fail(f"--out {out} already holds a run's checkpoint ({path}); pass --resume {path} to continue it, "
              f"or pick another --out (or delete that folder) for a fresh run{extra}")
 
 

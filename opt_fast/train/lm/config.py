@@ -5,6 +5,7 @@ from typing import Optional
 
 from opt_fast.nn import BLOCK_METHODS
 
+from ..guards import fail  # noqa: F401  (the LM modules' one-line error)
 from .model import SIZES
 from .optim import OPTIMIZERS
 
@@ -12,8 +13,6 @@ FINETUNE_ONLY = ("peft-lora", "peft-oft")
 METHODS = ("none",) + tuple(BLOCK_METHODS) + FINETUNE_ONLY
 
 
-def fail(msg: str):
-    raise SystemExit(f"opt_fast.train: error: {msg}")
 
 
 @dataclass

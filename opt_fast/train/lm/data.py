@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write
+from ..guards import fail
 from . import require
 
 SPLITS = ("train", "validation", "finetune_train", "finetune_validation")
@@ -38,8 +39,6 @@ _PIECE_LINES = 200
 _FORMAT = 1
 
 
-def fail(msg: str):
-    raise SystemExit(f"opt_fast.train: error: {msg}")
 
 
 def default_cache_dir() -> str:
