@@ -3,8 +3,8 @@ import argparse
 import sys
 
 from . import checkpoint as ckpt
-
 from .core import ORTH_REG_PENALTIES, TrainConfig, train
+from .guards import fail
 from .recipes import RECIPE_KEYS, RECIPES, describe
 
 D = TrainConfig()
@@ -12,7 +12,7 @@ D = TrainConfig()
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + error
-        raise SystemExit(f"opt_fast.train: error: {message} (see --help)")
+        fail(f"{message} (see --help)")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -102,8 +102,7 @@ def main(argv=None):
     try:
         args["lr_milestones"] = tuple(float(x) for x in args["lr_milestones"].split(",") if x.strip())
     except ValueError:
-        raise SystemExit(f"opt_fast.train: error: --lr-milestones must be comma-separated fractions, "
-                         f"got {args['lr_milestones']!r}")
+        fail(f"--lr-milestones must be comma-separated fractions, got {args['lr_milestones']!r}")
     cfg = TrainConfig(**args)
     try:
         if compare is not None:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .guards import PREFIX
+
 CIFAR_URL = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
              "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
 _LAYOUT = {  # folder inside the archive, train files, test file, label key
@@ -24,7 +26,7 @@ class DataError(SystemExit):
     """A one-line, actionable data error (exits the CLI with status 1)."""
 
     def __init__(self, msg):
-        super().__init__(f"opt_fast.train: error: {msg}")
+        super().__init__(PREFIX + msg)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from torch import nn
 
 from opt_fast.nn import OPTLayer
 
+from .guards import fail
+
 EXTRAS_HINT = "pip install 'opt-fast[train]'"
 # train - test accuracy (fractions) from which the end of a run is diagnosed / always reported
 GAP_CHECK, GAP_REPORT = 0.10, 0.40
@@ -36,8 +38,8 @@ def missing_extras(cfg) -> List[str]:
 def check_extras(cfg) -> None:
     missing = missing_extras(cfg)
     if missing:
-        raise SystemExit(f"opt_fast.train: error: missing training extras: {', '.join(missing)}; install them "
-                         f"with {EXTRAS_HINT}")
+        fail(f"missing training extras: {', '.join(missing)}; install them "
+             f"with {EXTRAS_HINT}")
 
 
 def _batchnorms(model: nn.Module):

@@ -5,6 +5,8 @@ import math
 import torch
 from torch import nn
 
+from .guards import fail
+
 MODELS = ("cnn6", "cnn6-cp", "resnet18", "small")
 
 
@@ -79,8 +81,8 @@ class ResNet18(nn.Module):
 def build(name, num_classes, shape, bn_eps=1e-3, bn_momentum=1e-3) -> nn.Module:
     c, h, w = shape
     if name in ("cnn6", "cnn6-cp") and (h, w) != (32, 32):
-        raise SystemExit(f"opt_fast.train: error: --model {name} needs 32x32 inputs, the dataset has {h}x{w}; "
-                         f"use --model small for 8x8 digits")
+        fail(f"--model {name} needs 32x32 inputs, the dataset has {h}x{w}; "
+             f"use --model small for 8x8 digits")
     if name == "cnn6":
         return VGGish((64, 64, 64), 64, num_classes, c, h, bn_eps, bn_momentum)
     if name == "cnn6-cp":
@@ -89,4 +91,4 @@ def build(name, num_classes, shape, bn_eps=1e-3, bn_momentum=1e-3) -> nn.Module:
         return VGGish((32, 64), 64, num_classes, c, h, bn_eps, bn_momentum)
     if name == "resnet18":
         return ResNet18(num_classes, c, bn_eps, bn_momentum)
-    raise SystemExit(f"opt_fast.train: error: unknown --model {name!r}; choose one of {', '.join(MODELS)}")
+    fail(f"unknown --model {name!r}; choose one of {', '.join(MODELS)}")

@@ -25,6 +25,8 @@ import dataclasses
 
 from opt_fast.nn.regularization import DEFAULT_WEIGHT, REFERENCE_WEIGHT
 
+from .guards import fail
+
 RECIPES = {
     "default": dict(epochs=10, lr=0.05, warmup_epochs=2.0, bn_momentum=0.1, init="identity",
                     orth_reg_weight=DEFAULT_WEIGHT, orth_reg_penalty="squared", reference_loss=False),
@@ -37,7 +39,7 @@ RECIPE_KEYS = tuple(RECIPES["default"])
 def resolve(cfg):
     """``cfg`` with every option left at None filled in from its recipe (explicit values win)."""
     if cfg.recipe not in RECIPES:
-        raise SystemExit(f"opt_fast.train: error: unknown --recipe {cfg.recipe!r}; choose one of {', '.join(RECIPES)}")
+        fail(f"unknown --recipe {cfg.recipe!r}; choose one of {', '.join(RECIPES)}")
     fill = {k: v for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **fill) if fill else cfg
 

@@ -14,6 +14,8 @@ Needs the optional extra ``pip install 'opt-fast[lm]'`` (transformers, tokenizer
 """
 import importlib
 
+from ..guards import fail
+
 EXTRA_HINT = "pip install 'opt-fast[lm]'"
 
 
@@ -23,8 +25,8 @@ def require(*modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise SystemExit(f"opt_fast.train: error: the language-model workflow needs the package "
-                             f"{name!r}, which is not installed ({e}); install the extra: {EXTRA_HINT}") from None
+            fail(f"the language-model workflow needs the package {name!r}, which is not installed ({e}); "
+                 f"install the extra: {EXTRA_HINT}")
 
 
 def is_lm(dataset: str = None, model: str = None) -> bool:

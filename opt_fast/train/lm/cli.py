@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from ..guards import fail
 from .config import METHODS, LMConfig
 from .model import SIZES
 from .optim import OPTIMIZERS
@@ -12,7 +13,7 @@ D = LMConfig()
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise SystemExit(f"opt_fast.train: error: {message} (see --dataset stdlib --help)")
+        fail(f"{message} (see --dataset stdlib --help)")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -16,6 +16,7 @@ from typing import Dict
 import torch
 from torch import nn
 
+from ..guards import fail
 from . import require
 
 SIZES: Dict[str, dict] = {
@@ -31,7 +32,7 @@ def llama_config(size: str, vocab_size: int, seq_len: int):
     require("transformers")
     from transformers import LlamaConfig
     if size not in SIZES:
-        raise SystemExit(f"opt_fast.train: error: unknown --model {size!r}; LM sizes: {', '.join(SIZES)}")
+        fail(f"unknown --model {size!r}; LM sizes: {', '.join(SIZES)}")
     kw = dict(SIZES[size], vocab_size=vocab_size)
     return LlamaConfig(**kw, num_key_value_heads=kw["num_attention_heads"], max_position_embeddings=seq_len,
                        tie_word_embeddings=False, use_cache=False, attention_dropout=0.0,
@@ -63,7 +64,7 @@ def convert_projections(model: nn.Module, method: str, block_size: int, sides: s
         return convert(model, method=method, block_size=block_size, sides=sides, keep_weights=keep_weights,
                        include=projection_names(model), terms=terms)
     except ValueError as e:
-        raise SystemExit(f"opt_fast.train: error: {e}") from None
+        fail(str(e))
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -17,6 +17,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from ..guards import fail
 from .model import PROJECTIONS
 
 OPTIMIZERS = ("adamw", "muon", "sgd")
@@ -37,8 +38,8 @@ def build(model: nn.Module, optimizer: str, lr: float, opt_lr: float, weight_dec
     if optimizer == "sgd":
         return [torch.optim.SGD([p for _, p in named], lr=lr, momentum=0.9, weight_decay=weight_decay)]
     if optimizer == "muon" and rot:
-        raise SystemExit("opt_fast.train: error: --optimizer muon applies to plain weight matrices; OPT methods "
-                         "train rotation blocks: use --optimizer adamw with --method other than none")
+        fail("--optimizer muon applies to plain weight matrices; OPT methods "
+             "train rotation blocks: use --optimizer adamw with --method other than none")
     muon = [p for n, p in named if optimizer == "muon" and _is_projection_weight(n, p)]
     taken = {id(p) for p in rot + muon}
     rest = [(n, p) for n, p in named if id(p) not in taken]
