@@ -11,7 +11,7 @@ import torch
 
 from .core import TrainConfig, fail, train
 from .diagnostics import check_extras
-from .guards import PREFIX as _PREFIX
+from .guards import run_recorded
 from .recipes import resolve
 from .plots import plot_compare
 
@@ -65,15 +65,10 @@ def run_compare(cfg: TrainConfig, methods, argv=None):
     for m in methods:
         print(f"== {m}", flush=True)
         t0 = datetime.datetime.now()
-        try:
-            results[m] = train(dataclasses.replace(raw, method=m, out=os.path.join(cfg.out, m)))
-        except SystemExit as e:  # e.g. a diverged loss: record it, go on with the other methods
-            print(e.code, file=sys.stderr)
-            failed[m] = str(e.code).removeprefix(_PREFIX)  # the report and the summary add their own context
-        except Exception as e:  # an unexpected error in one method: record it (one line), go on
-            first = (str(e).splitlines() or [""])[0]
-            failed[m] = f"{m} failed with {type(e).__name__}: {first}"
-            print(_PREFIX + failed[m], file=sys.stderr)
+        result = run_recorded(m, lambda: train(dataclasses.replace(raw, method=m, out=os.path.join(cfg.out, m))),
+                              failed)
+        if result is not None:
+            results[m] = result
         walls[m] = (datetime.datetime.now() - t0).total_seconds()
     if not results:
         fail("--compare: every method failed: " + "; ".join(f"{m}: {v}" for m, v in failed.items()))

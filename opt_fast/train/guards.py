@@ -1,6 +1,7 @@
 """The training CLIs' one-line refusals that both workflows (CNN and LM) share: the error itself, the device
 check, and what a training step that raised inside an op ends with."""
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -47,3 +48,17 @@ def step_failed(phase: str, where: str, method: str, e: BaseException, model: nn
         "The parameters are finite: the op failed on them (training may be diverging); lower --lr, raise the "
         "warm-up, or another --seed / --init avoids that matrix" if finite else
         "Some parameters are no longer finite (training diverged): lower --lr or raise the warm-up") + kept)
+
+
+def run_recorded(name: str, run, failed: dict):
+    """``run()`` for one entry of a --compare; a run that fails (a refusal, e.g. a diverged loss, or an
+    unexpected error) is recorded in ``failed[name]`` as one line and the comparison goes on: returns None."""
+    try:
+        return run()
+    except SystemExit as e:
+        print(e.code, file=sys.stderr)
+        failed[name] = str(e.code).removeprefix(PREFIX)  # the table and the summary add their own context
+    except Exception as e:
+        failed[name] = f"{name} failed with {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        print(PREFIX + failed[name], file=sys.stderr)
+    return None

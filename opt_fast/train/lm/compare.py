@@ -11,7 +11,7 @@ import shlex
 import sys
 
 from ..compare import _machine
-from ..guards import PREFIX
+from ..guards import run_recorded
 from .config import fail
 from .loop import train_lm
 
@@ -79,14 +79,9 @@ def run_compare(cfg, names, argv=None):
             results[name], loads[name] = done, done.get("load_average", ["n/a", "n/a"])
             continue
         loads[name] = [_load_avg()]
-        try:
-            results[name] = train_lm(run)
-        except SystemExit as e:  # e.g. a diverged loss: record it, go on with the others
-            print(e.code, file=sys.stderr)
-            failed[name] = str(e.code).removeprefix(PREFIX)  # the table and the summary add their own context
-        except Exception as e:  # an unexpected error in one run: record it (one line), go on
-            failed[name] = f"{name} failed with {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-            print(PREFIX + failed[name], file=sys.stderr)
+        result = run_recorded(name, lambda: train_lm(run), failed)
+        if result is not None:
+            results[name] = result
         loads[name].append(_load_avg())
         if name in results and int(os.environ.get("RANK", "0")) == 0:
             _note_load(run.out, loads[name])
