@@ -42,6 +42,7 @@ from . import extra_state
 from .block_methods import BlockMap, get_block_method
 from .checkpointing import maps_saved_as_they_are
 from .layers import _HALF, apply_keeping_float32
+from .optimizer_state import clear_state
 from .torchscript import RefuseScripting, refuse_tracing
 
 SIDES = ("in", "out", "both")
@@ -101,7 +102,7 @@ class OPTBlockLinear(RefuseScripting, nn.Module):
             raise ValueError(f"opt_fast.nn: sides must be one of {SIDES}, got {sides!r}")
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"opt_fast.nn: block_size must be a positive int, got {block_size!r}")
-        if not isinstance(terms, int) or terms < 0:
+        if not isinstance(terms, int) or isinstance(terms, bool) or terms < 0:
             raise ValueError(f"opt_fast.nn: terms must be an int >= 0, got {terms!r}")
         factory = {"device": device, "dtype": dtype}
         self.method: BlockMap = get_block_method(method)
@@ -140,7 +141,7 @@ class OPTBlockLinear(RefuseScripting, nn.Module):
         in_features = self.in_features
         std = 1.0 / math.sqrt(max(in_features, 1))
         _redraw(self.W0, lambda t: t.normal_(0.0, std))
-        seed = torch.randint(0, 2**62, (1,))   # on the CPU: its value is needed now, whatever the device
+        seed = torch.randint(0, 2**62, (1,), device="cpu")   # its value is needed now, whatever the device
         self.perm_seed.copy_(seed)
         self.merges.zero_()
         for side in self.sides_used():
@@ -171,7 +172,7 @@ class OPTBlockLinear(RefuseScripting, nn.Module):
 
     def _draw_perm(self, side: str, seed: Optional[int] = None) -> Tensor:
         n = self.in_features if side == "in" else self.out_features
-        return torch.randperm(n, generator=self._generator(side, stream=1, seed=seed)).to(self.W0.device)
+        return torch.randperm(n, generator=self._generator(side, stream=1, seed=seed), device="cpu").to(self.W0.device)
 
     def sides_used(self) -> Tuple[str, ...]:
         return tuple(s for s in ("in", "out") if _uses(self.sides, s))
@@ -206,9 +207,10 @@ class OPTBlockLinear(RefuseScripting, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         refuse_tracing(self)
-        if self.recompute and torch.is_grad_enabled():
+        if self.recompute and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             # the maps and the inner activation are recomputed in backward: only x (and the parameters) are
-            # kept, and this layer's maps are its own calls, outside the group's batched call
+            # kept, and this layer's maps are its own calls, outside the group's batched call. (Not under
+            # torch.func's transforms, which refuse the saved-tensor hooks this takes: computed as without.)
             return checkpoint(self._recomputed, x, self.in_blocks, self.out_blocks, use_reentrant=False)
         return self._forward_impl(x, *self._rotations())
 
@@ -254,8 +256,7 @@ class OPTBlockLinear(RefuseScripting, nn.Module):
             b = self.side_block(side)
             eye = self.method.identity(P.shape[0], b, dtype=P.dtype, device=P.device, generator=self._generator(side))
             _assign(P, eye)   # (an FSDP2 shard takes its part of the reset value, identical on every rank)
-            if optimizer is not None:
-                optimizer.state.pop(P, None)
+            clear_state(optimizer, P)
             if self.permute:
                 getattr(self, f"{side}_perm").copy_(self._draw_perm(side))
 
@@ -284,6 +285,19 @@ class OPTBlockLinear(RefuseScripting, nn.Module):
     def _settings(self):
         return {"method": self.method.name, "block_size": self.block_size, "sides": self.sides,
                 "terms": self.terms, "permute": self.permute}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # as OPTLayer's: a state_dict that sets this layer's rotations, or a plain layer's weight, without W0
+        # would leave a random W0 under them (torch passes strict=True here even for strict=False loads)
+        sets_weight = any(prefix + k in state_dict for k in ("in_blocks", "out_blocks", "weight"))
+        if strict and sets_weight and prefix + "W0" not in state_dict:
+            hint = (" (it looks like a plain layer's state_dict: use opt_fast.nn.convert(model, block_size=b, "
+                    "keep_weights=True) to start from pretrained weights)" if prefix + "weight" in state_dict else "")
+            error_msgs.append(f"opt_fast.nn: OPTBlockLinear at {prefix or '<root>'!r} needs its frozen weight "
+                              f"{prefix + 'W0'!r} in the state_dict{hint}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def get_extra_state(self):
         return extra_state.encode(self._settings())

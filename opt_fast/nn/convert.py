@@ -12,10 +12,10 @@ from torch import nn
 from . import attention as _attention
 from .attention import OPTMultiheadAttention
 from .block import SIDES, OPTBlockLinear
-from .block_methods import get_block_method
+from .block_methods import BLOCK_METHODS, get_block_method
 from .group import Grouping, group_layers
 from .layers import OPTConv1d, OPTConv2d, OPTLayer, OPTLinear
-from .methods import get_method, normalize_init
+from .methods import METHODS, get_method, normalize_init
 
 _OPT_MODULES = (OPTLayer, OPTBlockLinear, OPTMultiheadAttention)
 
@@ -106,9 +106,20 @@ def _carry_over(module: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
+def _keep_bias_tie(module: nn.Module, new: nn.Module, owners) -> None:
+    """A bias that other modules share stays shared: the converted layer holds that same Parameter."""
+    b = None if isinstance(module, nn.MultiheadAttention) else module.bias
+    if b is None or len({id(m) for _, m in owners.get(id(b), ())}) < 2:
+        return
+    if b.shape == new.bias.shape and b.dtype == new.bias.dtype and b.device == new.bias.device:
+        new.bias = b
+
+
 def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, h, None) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                  "_backward_pre_hooks"))
+    """Hooks a user registered (not those of a grouping's forward session)."""
+    return any(not isinstance(getattr(hook, "__self__", None), Grouping)
+               for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+               for hook in (getattr(module, h, None) or {}).values())
 
 
 def _excluded(name: str, exclude) -> bool:
@@ -183,7 +194,8 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
     ValueError); default all. exclude: names to leave alone, with everything inside them (a single name
     may be a string). Modules that cannot be converted (also a Linear whose weight is tied to another
     module's, e.g. an LM head tied to the embedding) are skipped with a warning that says why
-    (strict=True makes that an error). A frozen weight or bias (requires_grad=False) stays frozen.
+    (strict=True makes that an error). A frozen weight or bias (requires_grad=False) stays frozen; a bias
+    shared by several modules stays shared (the converted layers hold that same Parameter and its values).
     group: batch same-shaped layers (group_layers). Returns the model (a new OPT layer if ``model``
     itself is a Linear/Conv).
 
@@ -200,9 +212,10 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
         get_block_method(method)
         if sides not in SIDES:
             raise ValueError(f"opt_fast.nn.convert: sides must be one of {SIDES}, got {sides!r}")
-        if init not in (None, "identity", "zero") or stochastic is not None or num_reflectors is not None:
+        if (init not in (None, "identity", "zero") or stochastic is not None or num_reflectors is not None
+                or sample != "coordinate"):
             raise ValueError("opt_fast.nn.convert: block layers (block_size set) start at R = I and take no "
-                             "init / stochastic / num_reflectors options")
+                             "init / stochastic / sample / num_reflectors options")
         block_kwargs = dict(method=method, block_size=block_size, sides=sides, permute=permute, terms=terms,
                             recompute=recompute)
     else:
@@ -213,6 +226,9 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
             raise ValueError(f"opt_fast.nn.convert: {', '.join(block_only)} set without block_size: these are "
                              "options of block-orthogonal layers (pass block_size=b)")
         method = "gram_schmidt" if method is None else method
+        if isinstance(method, str) and method in BLOCK_METHODS and method not in METHODS:
+            raise ValueError(f"opt_fast.nn.convert: method {method!r} is a map of block-orthogonal layers only: "
+                             "pass block_size=b")
         get_method(method)
         if num_reflectors is not None and method != "householder":
             raise ValueError(f"opt_fast.nn.convert: num_reflectors is an option of method 'householder', not "
@@ -256,6 +272,7 @@ def convert(model: nn.Module, method: Optional[str] = None, *, keep_weights: boo
                    else _build(module, keep_weights, layer_kwargs))
             if _is_gpt_conv1d(module):
                 new._opt_merge_as = type(module)  # merge() gives a Conv1D again (checkpoints keep their layout)
+            _keep_bias_tie(module, new, owners)
             converted[id(module)] = (module, _carry_over(module, new))
             if _has_hooks(module):
                 hooked.append(name or "<root>")
@@ -303,11 +320,18 @@ def _plain(layer: nn.Module) -> nn.Module:
     return plain
 
 
+def _warn_hooks(names: List[str]) -> None:
+    if names:
+        warnings.warn(f"opt_fast.nn.merge: hooks registered on {[n or '<root>' for n in names]} are not carried "
+                      "to the plain layers that replace them; register them again there", stacklevel=3)
+
+
 def merge(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose OPT layers are plain nn.Linear / nn.Conv1d / nn.Conv2d /
     nn.MultiheadAttention holding the effective weight (W = W0 Rᵀ, or R_out W0 R_inᵀ for block layers; no
     rotation computed at inference; exportable). ``model`` is left untouched."""
     if isinstance(model, (OPTLayer, OPTBlockLinear)):
+        _warn_hooks([""] if _has_hooks(model) else [])
         return _plain(model)
     merged = copy.deepcopy(model)
     for module in list(merged.modules()):
@@ -318,6 +342,8 @@ def merge(model: nn.Module) -> nn.Module:
         return merged.merged()
     for attn in [m for m in merged.modules() if isinstance(m, OPTMultiheadAttention)]:
         _replace(merged, attn, attn.merged())
-    for layer in [m for m in merged.modules() if isinstance(m, (OPTLayer, OPTBlockLinear))]:
+    layers = [m for m in merged.modules() if isinstance(m, (OPTLayer, OPTBlockLinear))]
+    _warn_hooks([n for n, m in merged.named_modules() if isinstance(m, _OPT_MODULES) and _has_hooks(m)])
+    for layer in layers:
         _replace(merged, layer, _plain(layer))
     return merged

@@ -16,6 +16,7 @@ from . import extra_state
 from . import stochastic as _stoch
 from .checkpointing import maps_saved_as_they_are
 from .methods import METHODS, Method, get_method, normalize_init
+from .optimizer_state import clear_state
 from .torchscript import RefuseScripting, refuse_tracing
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -27,11 +28,14 @@ def apply_keeping_float32(module: nn.Module, fn, recurse: bool, names) -> nn.Mod
     tensors = {**module._buffers, **module._parameters}
     keep = {n: tensors[n].detach().clone() for n in names
             if tensors.get(n) is not None and tensors[n].dtype in (torch.float32, torch.float64)}
+    grads = {n: tensors[n].grad.detach().clone() for n in keep if tensors[n].grad is not None}
     nn.Module._apply(module, fn, recurse)
     tensors = {**module._buffers, **module._parameters}
     for name, data in keep.items():
         if tensors[name].dtype in _HALF:
             tensors[name].data = data.to(tensors[name].device, torch.float32)
+            if name in grads:   # the gradient too (torch cast it with the parameter): optimizers need both alike
+                tensors[name].grad = grads[name].to(tensors[name].device, torch.float32)
     return module
 
 
@@ -247,8 +251,7 @@ class OPTLayer(RefuseScripting, nn.Module):
         P.copy_(self.method.init(P.shape, "identity", P.dtype, P.device))
         self.idx.copy_(_stoch.sample_indices(self.fan_in, self.in_channels, self.stochastic, self.sample,
                                              generator=generator, device=self.idx.device))
-        if optimizer is not None:  # momentum of the old subset means nothing for the new one
-            optimizer.state.pop(P, None)
+        clear_state(optimizer, P)  # momentum of the old subset means nothing for the new one
         self._refresh_warm_start()
 
     # ---- state_dict ---------------------------------------------------------------------------------------

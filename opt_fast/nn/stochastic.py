@@ -39,10 +39,11 @@ def sample_indices(d: int, in_channels: int, fraction: float, sample: str = "coo
     ``channel``: round(fraction·C_in) whole input channels, each with all its kernel positions.
     """
     m = subset_size(d, in_channels, fraction, sample)
+    # drawn on the CPU (the CPU generator's stream), whatever torch's default device
     if sample == "coordinate":
-        idx = torch.randperm(d, generator=generator)[:m]
+        idx = torch.randperm(d, generator=generator, device="cpu")[:m]
     else:
         kk = d // in_channels
-        ch = torch.randperm(in_channels, generator=generator)[:m // kk]
-        idx = (ch[:, None] * kk + torch.arange(kk)).flatten()
+        ch = torch.randperm(in_channels, generator=generator, device="cpu")[:m // kk]
+        idx = (ch[:, None] * kk + torch.arange(kk, device="cpu")).flatten()
     return idx.sort().values.to(device)
