@@ -29,6 +29,23 @@ inline void check_same_device_dtype(const char* op, const char* a, const at::Ten
               " to have the same dtype, got ", ta.scalar_type(), " and ", tb.scalar_type());
 }
 
+// Upper bounds of the count arguments (opt_fast/_checks.py: MAX_TERMS, MAX_ITERS).
+constexpr int64_t kMaxTerms = 1000;
+constexpr int64_t kMaxIters = 1000;
+
+inline void check_count(const char* op, const char* name, int64_t value, int64_t cap, const char* meaning) {
+  TORCH_CHECK(value >= 0 && value <= cap, "opt_fast.", op, ": expected ", name, " >= 0 (", meaning,
+              ") and at most ", cap, ", got ", value);
+}
+
+// A backward op's tensor ``t`` has the forward's shape and ``like``'s device and dtype.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                       const char* like_name, const at::Tensor& like) {
+  TORCH_CHECK(t.defined(), "opt_fast.", op, ": expected ", name, " to be a Tensor, got None");
+  TORCH_CHECK(t.sizes() == shape, "opt_fast.", op, ": expected ", name, " of shape ", shape, ", got ", t.sizes());
+  check_same_device_dtype(op, name, t, like_name, like);
+}
+
 inline void check_grad_shape(const char* op, const at::Tensor& grad, at::IntArrayRef shape) {
   TORCH_CHECK(grad.sizes() == shape, "opt_fast.", op, ": expected grad of shape ", shape, ", got ",
               grad.sizes());

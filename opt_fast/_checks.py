@@ -106,11 +106,22 @@ def _polar_input(op: str, P: Tensor) -> None:
                  f"transpose it), got shape {_shape(P)}")
 
 
+# Upper bounds of the count arguments: far past any use (the series and the iterations converge in tens),
+# short of a loop that would run for hours or a power chain that cannot be allocated. csrc/opt_fast.h too.
+MAX_TERMS = 1000
+MAX_ITERS = 1000
+
+
+def count(op: str, name: str, value, cap: int, meaning: str) -> None:
+    """An int argument (Python or numpy integer, not bool; a SymInt while tracing) in [0, cap]."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) or not 0 <= value <= cap:
+        fail(op, f"expected {name} >= 0 ({meaning}) and at most {cap}, got {value!r}")
+
+
 def lowdin(P: Tensor, iters: int, R0: Optional[Tensor]) -> None:
     op = "lowdin"
     _polar_input(op, P)
-    if iters < 0:
-        fail(op, f"expected iters >= 0 (0 = iterate to convergence), got {iters}")
+    count(op, "iters", iters, MAX_ITERS, "0 = iterate to convergence")
     if R0 is not None:
         float_matrix(op, "R0", R0)
         same_device_dtype(op, "P", P, "R0", R0)
@@ -146,8 +157,54 @@ def cayley_neumann(S: Tensor, terms: int, op: str = "cayley_neumann") -> None:
         fail(op, f"expected S to be float32, float64, float16 or bfloat16, got {S.dtype}")
     if S.dim() < 2 or S.shape[-1] != S.shape[-2]:
         fail(op, f"expected S to be square [..., b, b], got shape {_shape(S)}")
-    if not isinstance(terms, int) or isinstance(terms, bool) or terms < 0:
-        fail(op, f"expected terms >= 0 (the number of Neumann terms after I), got {terms!r}")
+    count(op, "terms", terms, MAX_TERMS, "the number of Neumann terms after I")
+
+
+def cayley_neumann_backward(grad: Tensor, S: Tensor, terms: int, powers: Optional[Tensor] = None) -> None:
+    """cayley_neumann_backward, or cayley_neumann_powers_backward with the forward's ``powers``
+    [..., terms // 2, b, b] (the kernels read them for every block: a wrong shape would read past them)."""
+    op = "cayley_neumann_backward" if powers is None else "cayley_neumann_powers_backward"
+    cayley_neumann(S, terms, op)
+    grad_like(op, grad, S.shape)
+    same_device_dtype(op, "grad", grad, "S", S)
+    if powers is None:
+        return
+    want = tuple(S.shape[:-2]) + (terms // 2,) + tuple(S.shape[-2:])
+    if not isinstance(powers, Tensor) or tuple(powers.shape) != want:
+        got = _shape(powers) if isinstance(powers, Tensor) else type(powers).__name__
+        fail(op, f"expected powers of shape {list(want)}, got {got}")
+    same_device_dtype(op, "powers", powers, "S", S)
+
+
+def cayley_backward(grad: Tensor, Q: Tensor) -> None:
+    op = "cayley_backward"
+    square(op, "Q", Q)
+    grad_like(op, grad, Q.shape)
+    same_device_dtype(op, "grad", grad, "Q", Q)
+
+
+def lowdin_backward(grad: Tensor, P: Tensor, R: Tensor) -> None:
+    op = "lowdin_backward"
+    _polar_input(op, P)
+    if not isinstance(R, Tensor) or R.shape != P.shape:
+        fail(op, f"expected R with the shape of P {_shape(P)}, got "
+                 f"{_shape(R) if isinstance(R, Tensor) else type(R).__name__}")
+    grad_like(op, grad, P.shape)
+    same_device_dtype(op, "R", R, "P", P)
+    same_device_dtype(op, "grad", grad, "P", P)
+
+
+def lowdin_svd_backward(grad: Tensor, U: Tensor, S: Tensor, Vh: Tensor) -> None:
+    op = "lowdin_svd_backward"
+    _polar_input(op, U)
+    n = U.shape[-1]
+    for name, t, want in (("S", S, U.shape[:-2] + (n,)), ("Vh", Vh, U.shape[:-2] + (n, n))):
+        if not isinstance(t, Tensor) or t.shape != want:
+            fail(op, f"expected {name} of shape {list(want)} (lowdin_svd's factors of U {_shape(U)}), got "
+                     f"{_shape(t) if isinstance(t, Tensor) else type(t).__name__}")
+        same_device_dtype(op, name, t, "U", U)
+    grad_like(op, grad, U.shape)
+    same_device_dtype(op, "grad", grad, "U", U)
 
 
 def block_apply(R: Tensor, X: Tensor, perm: Optional[Tensor]) -> None:

@@ -104,6 +104,7 @@ def _lowdin_fake(P, iters=0, R0=None):
 
 @torch.library.register_fake("opt_fast::lowdin_backward", lib=lib)
 def _lowdin_backward_fake(grad, P, R):
+    _checks.lowdin_backward(grad, P, R)
     return _empty(P, P.shape)
 
 
@@ -116,6 +117,7 @@ def _lowdin_svd_fake(P):
 
 @torch.library.register_fake("opt_fast::lowdin_svd_backward", lib=lib)
 def _lowdin_svd_backward_fake(grad, U, S, Vh):
+    _checks.lowdin_svd_backward(grad, U, S, Vh)
     return _empty(U, U.shape)
 
 
@@ -127,6 +129,7 @@ def _cayley_fake(S):
 
 @torch.library.register_fake("opt_fast::cayley_backward", lib=lib)
 def _cayley_backward_fake(grad, Q):
+    _checks.cayley_backward(grad, Q)
     return _empty(Q, Q.shape)
 
 
@@ -138,6 +141,7 @@ def _cayley_neumann_fake(S, terms=5):
 
 @torch.library.register_fake("opt_fast::cayley_neumann_backward", lib=lib)
 def _cayley_neumann_backward_fake(grad, S, terms):
+    _checks.cayley_neumann_backward(grad, S, terms)
     return _empty(S, S.shape)
 
 
@@ -149,6 +153,7 @@ def _cayley_neumann_powers_fake(S, terms=5):
 
 @torch.library.register_fake("opt_fast::cayley_neumann_powers_backward", lib=lib)
 def _cayley_neumann_powers_backward_fake(grad, S, powers, terms):
+    _checks.cayley_neumann_backward(grad, S, terms, powers)
     return _empty(S, S.shape)
 
 

@@ -119,6 +119,22 @@ def test_singular_input_gives_an_orthogonal_factor():
     torch.testing.assert_close(H, H.mT, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("path", ["ops", "ref"])
+@pytest.mark.parametrize("P", [torch.ones(3, 3), torch.tensor([[1.0, 2.0], [2.0, 4.0]]),
+                               torch.outer(torch.arange(1.0, 6.0), torch.arange(2.0, 7.0))],
+                         ids=["ones", "rank1-2x2", "outer-5x5"])
+def test_backward_at_an_exactly_singular_input_raises(path, P):
+    # the eigh/SVD of a rank-deficient P gives its zero singular values as ±1e-8·σ_max: the C++ backward
+    # returned a finite gradient of ~5e6 there while the reference raised; both raise now
+    R = ops.lowdin(P) if path == "ops" else lowdin_ref(P)
+    backward = ops.lowdin_backward if path == "ops" else lowdin_backward_ref
+    dP = backward(torch.ones_like(P), P, R)
+    assert not dP.isfinite().all()
+    X = P.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="P is singular"):
+        torch.ops.opt_fast.lowdin(X).sum().backward()
+
+
 def test_noncontiguous_and_batched_input():
     base = randn(4, 2, 27, 27, dtype=torch.float32, seed=8)
     P = base.transpose(0, 1).mT

@@ -178,6 +178,22 @@ def test_singular_input_terminates(steps):
     R = lowdin_ref(P)
     assert R.isfinite().all()
     assert steps[0] == len(LW._SCHEDULE) + LW._TAIL_STEPS
+    assert orth_err(R) <= 1e-5   # finished by the SVD of the iterate: any orthogonal factor is a polar factor
+
+
+@pytest.mark.parametrize("d, decades", [(8, 12), (50, 11)])
+def test_ill_conditioned_input_past_the_step_cap_is_still_the_polar_factor(d, decades):
+    # κ = 1e11-1e12 in float64: the schedule runs out before the smallest singular values reach 1; those
+    # matrices were returned non-orthogonal (‖RᵀR − I‖ ≈ 0.4-1); now finished by an SVD of the iterate
+    g = torch.Generator().manual_seed(d)
+    U = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))[0]
+    bad = U @ torch.diag(torch.logspace(0, -decades, d, dtype=torch.float64)) @ V.T
+    P = torch.stack([bad, randn(d, d, dtype=torch.float64, seed=1)])
+    R = lowdin_ref(P)
+    assert orth_err(R).max() <= 1e-13
+    torch.testing.assert_close(R[0], U @ V.T, rtol=0, atol=1e-5)   # torch's SVD route: 1e-6 here
+    torch.testing.assert_close(R[1], torch.linalg.svd(P[1])[0] @ torch.linalg.svd(P[1])[2], rtol=0, atol=1e-12)
 
 
 # --- backward ------------------------------------------------------------------------------------------

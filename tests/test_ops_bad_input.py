@@ -209,7 +209,7 @@ def test_block_backward_ops_bad_saved_inputs(path):
     R, X = torch.randn(2, 3, 3), torch.randn(5, 6)
     get = (lambda op: getattr(reference, op + "_ref")) if path == "ref" else (lambda op: getattr(ops, op))
     with pytest.raises(RuntimeError, match=r"^opt_fast\.cayley_neumann_powers_backward: expected powers of shape "
-                                           r"\[\.\.\., 2, b, b\] for terms = 5, got \[2, 1, 4, 4\]"):
+                                           r"\[2, 2, 4, 4\], got \[2, 1, 4, 4\]"):
         get("cayley_neumann_powers_backward")(S, S, S.unsqueeze(1), 5)
     with pytest.raises(RuntimeError, match=rf"^opt_fast\.block_apply_backward: expected grad of dtype "
                                            rf"{_dt('float32')}, got {_dt('float64')}"):
@@ -251,3 +251,67 @@ def test_backward_bad_grad_shape(op, path):
     with pytest.raises(RuntimeError, match=rf"opt_fast\.{op}: expected grad of shape {shape}") as info:
         fn(*args)
     assert str(info.value).startswith(f"opt_fast.{op}: ")
+
+
+# ---- backward ops: what they are handed besides grad (audit: a short powers tensor was read past its end) --
+
+def _path_op(path, op):
+    if path == "ref":
+        return getattr(reference, op + "_ref")
+    if path == "meta":
+        return lambda *a: getattr(ops, op)(*(t.to("meta") if isinstance(t, torch.Tensor) else t for t in a))
+    return getattr(ops, op)
+
+
+def _saved_input_cases():
+    S, G = 0.1 * torch.randn(6, 4, 4), torch.randn(6, 4, 4)
+    P, R = torch.randn(5, 3), torch.randn(5, 3)
+    U, sv, Vh = torch.randn(5, 3), torch.rand(3), torch.randn(3, 3)
+    sq = torch.randn(3, 3)
+    return [
+        ("cayley_neumann_powers_backward", (G, S, torch.randn(1, 2, 4, 4), 5),
+         r"expected powers of shape \[6, 2, 4, 4\], got \[1, 2, 4, 4\]"),
+        ("cayley_neumann_powers_backward", (G, S, torch.randn(6, 2, 3, 3), 5), r"expected powers of shape"),
+        ("cayley_neumann_powers_backward", (G, S, torch.randn(6, 2, 4, 4).double(), 5),
+         "expected powers and S to have the same dtype"),
+        ("cayley_neumann_powers_backward", (G, S, torch.randn(6, 0, 4, 4), -1), r"expected terms >= 0"),
+        ("cayley_neumann_backward", (G, S, -1), r"expected terms >= 0 .*got -1"),
+        ("cayley_neumann_backward", (G, S, 5000), r"expected terms >= 0 .* at most 1000, got 5000"),
+        ("cayley_neumann_backward", (G.long(), S.long(), 5), "expected S to be float32, float64, float16 or bfloat16"),
+        ("cayley_neumann_backward", (G.double(), S, 5), "expected grad and S to have the same dtype"),
+        ("cayley_neumann_backward", (G[..., :3], S[..., :3], 5), r"expected S to be square"),
+        ("cayley_backward", (sq.long(), sq.long()), "expected Q to be float32 or float64"),
+        ("cayley_backward", (torch.randn(3, 4), torch.randn(3, 4)), r"expected Q to be square"),
+        ("cayley_backward", (sq.double(), sq), "expected grad and Q to have the same dtype"),
+        ("lowdin_backward", (R, P, torch.randn(3, 3)), r"expected R .*shape"),
+        ("lowdin_backward", (R.long(), P, R), "expected grad and P to have the same dtype"),
+        ("lowdin_svd_backward", (U, U, torch.rand(2), Vh), r"expected S of shape \[3\]"),
+        ("lowdin_svd_backward", (U, U, sv, torch.randn(2, 3)), r"expected Vh of shape \[3, 3\]"),
+    ]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", range(len(_saved_input_cases())))
+def test_backward_ops_check_their_saved_inputs(path, case):
+    op, args, match = _saved_input_cases()[case]
+    if path == "meta" and any(isinstance(a, torch.Tensor) and not a.is_floating_point() for a in args):
+        pytest.skip("integer inputs: the same check as the float ones (the meta path is about shapes)")
+    with pytest.raises(RuntimeError, match=rf"^opt_fast\.{op}: {match}"):
+        _path_op(path, op)(*args)
+
+
+@pytest.mark.parametrize("path", ["ops", "ref", "functional"])
+def test_count_arguments_take_numpy_ints_and_stop_at_their_caps(path):
+    np = pytest.importorskip("numpy")
+    S = 0.1 * torch.randn(2, 4, 4)
+    fn = {"ops": ops.cayley_neumann, "ref": reference.cayley_neumann_ref,
+          "functional": opt_fast.functional.cayley_neumann}[path]
+    torch.testing.assert_close(fn(S, np.int64(3)), fn(S, 3))
+    for bad, match in ((2**62, r"at most 1000, got 4611686018427387904"), (True, "got True")):
+        if path == "ops" and bad is True:
+            continue   # torch.ops takes a bool for an int argument itself (True == 1)
+        with pytest.raises(RuntimeError, match=rf"^opt_fast\.cayley_neumann: expected terms >= 0 .*{match}"):
+            fn(S, bad)
+    lowdin = {"ops": ops.lowdin, "ref": reference.lowdin_ref, "functional": opt_fast.functional.lowdin}[path]
+    with pytest.raises(RuntimeError, match=r"^opt_fast\.lowdin: expected iters >= 0 .*at most 1000, got 1001"):
+        lowdin(torch.randn(3, 3), 1001)

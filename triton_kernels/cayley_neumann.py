@@ -274,16 +274,13 @@ def _backward(grad: Tensor, S: Tensor, powers: Optional[Tensor], terms: int) -> 
 @on_input_device
 def cayley_neumann_backward(grad: Tensor, S: Tensor, terms: int) -> Tensor:
     """``opt_fast::cayley_neumann_backward``: grad_S, the powers recomputed."""
-    _checks.grad_like("cayley_neumann_backward", grad, S.shape)
+    _checks.cayley_neumann_backward(grad, S, terms)
     return _backward(grad, S, None, terms)
 
 
 @on_input_device
 def cayley_neumann_powers_backward(grad: Tensor, S: Tensor, powers: Tensor, terms: int) -> Tensor:
     """``opt_fast::cayley_neumann_powers_backward``: grad_S from the saved powers."""
-    op = "cayley_neumann_powers_backward"
-    _checks.grad_like(op, grad, S.shape)
+    _checks.cayley_neumann_backward(grad, S, terms, powers)
     h = terms // 2
-    if powers.dim() != S.dim() + 1 or powers.shape[-3] != h:
-        _checks.fail(op, f"expected powers of shape [..., {h}, b, b] for terms = {terms}, got {list(powers.shape)}")
     return _backward(grad, S, powers if h > 0 else None, terms)

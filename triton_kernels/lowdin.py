@@ -75,28 +75,31 @@ def _worst(err2: Tensor, d: int) -> float:
 
 
 def _drive(step: Callable[[Tuple[float, float], bool], Optional[Tensor]], err2: Optional[Tensor], iters: int,
-           lo: float, hi: float, d: int, dtype) -> None:
+           lo: float, hi: float, d: int, dtype) -> Optional[Tensor]:
     """The reference's ``_iterate`` control flow; ``step((a, b), measure)`` does one polynomial step on the
     caller's state and returns the new ||A - I||_F² when ``measure``.
 
     A fixed ``iters`` never synchronises with the host (the coefficients are kernel arguments). The
     converging mode reads one number per step (the worst measured error): its stopping rule and the
-    interval tightening need it, as in the reference."""
+    interval tightening need it, as in the reference. Returns the last ||A - I||_F² if the step cap stopped
+    it short of the tolerance (for ``_ref.finish_unconverged``), else None."""
     if iters > 0:
         for k in range(iters):
             a, b, lo, hi = _ref._design_step(lo, hi)
             step((a, b), k + 1 < iters)   # the next step needs the Gram matrix; nothing is measured
-        return
+        return None
     tol = _ref._tolerance(dtype)
     cap = len(_ref._SCHEDULE) + _ref._TAIL_STEPS
     k = 0
     while True:
         worst = _worst(err2, d)   # the one host synchronisation per step
-        if worst <= tol or k >= cap:
-            return
+        if worst <= tol:
+            return None
+        if k >= cap:
+            return err2
         if _ref._last_step_suffices(worst, d, tol):
             step(_ref._TAYLOR, False)
-            return
+            return None
         lo, hi = _ref._tighten(lo, hi, math.sqrt(d) * worst)
         a, b, lo, hi = _ref._design_step(lo, hi)
         err2 = step((a, b), True)
@@ -174,8 +177,11 @@ def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
         state[0], state[1] = Xn, X
         return _gram(A, Xn) if measure else None
 
-    _drive(step, err2, iters, lo, 1.0, d, P.dtype)
-    return state[0].reshape(shape)
+    capped = _drive(step, err2, iters, lo, 1.0, d, P.dtype)
+    X = state[0]
+    if capped is not None:
+        X = _ref.finish_unconverged(X, capped.sqrt() / math.sqrt(d), _ref._tolerance(P.dtype))
+    return X.reshape(shape)
 
 
 # ---- backward --------------------------------------------------------------------------------------------
@@ -184,7 +190,7 @@ def lowdin(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor:
 def lowdin_backward(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
     """``opt_fast::lowdin_backward``: dP = R Y, H Y + Y H = RᵀG - GᵀR, H = sym(RᵀP), by the sign iteration
     of [[H, C], [0, -H]] on the forward's schedule (module docstring)."""
-    _checks.grad_like("lowdin_backward", grad, R.shape)
+    _checks.lowdin_backward(grad, P, R)
     if P.shape[-2] != P.shape[-1]:   # tall P: the reference's formula (the kernels are square)
         return _ref.lowdin_backward_ref(grad, P, R)
     if grad.numel() == 0:

@@ -121,7 +121,8 @@ at::Tensor cayley_cpu(const at::Tensor& S) {
 // 0.03-0.05 ms; batch 128 of d = 32: 3.7-4.2 ms): MKL's GEMMs use AVX2, this build's loops SSE2. float32
 // error against float64: 1.1-1.3x the former's (max over 10 seeds, d = 27 to 64), within the 2x rule.
 at::Tensor cayley_backward_cpu(const at::Tensor& grad, const at::Tensor& Q) {
-  check_grad_shape("cayley_backward", grad, Q.sizes());
+  check_square("cayley_backward", "Q", Q);
+  check_like("cayley_backward", "grad", grad, Q.sizes(), "Q", Q);
   if (Q.numel() == 0) return at::empty(Q.sizes(), Q.options());
   const int64_t d = Q.size(-1);
   const auto Q3 = Q.reshape({-1, d, d}), G3 = grad.reshape({-1, d, d});

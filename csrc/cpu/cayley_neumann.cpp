@@ -35,8 +35,7 @@ namespace {
 using at::Tensor;
 
 void check_terms(const char* op, int64_t terms) {
-  TORCH_CHECK(terms >= 0, "opt_fast.", op, ": expected terms >= 0 (the number of Neumann terms after I), got ",
-              terms);
+  check_count(op, "terms", terms, kMaxTerms, "the number of Neumann terms after I");
 }
 
 void check_blocks(const char* op, const Tensor& S) {
@@ -322,19 +321,29 @@ std::tuple<Tensor, Tensor> cayley_neumann_powers_cpu(const Tensor& S, int64_t te
   return {R, at::stack(P, 1).view(shape).to(S.scalar_type())};
 }
 
+// The backward ops' inputs as _checks.cayley_neumann_backward: S and terms as in the forward, grad (and the
+// forward's powers, read for every block) of the forward's shapes, S's dtype.
+void check_backward(const char* op, const Tensor& grad, const Tensor& S, int64_t terms) {
+  check_blocks(op, S);
+  check_terms(op, terms);
+  check_like(op, "grad", grad, S.sizes(), "S", S);
+}
+
 Tensor cayley_neumann_backward_cpu(const Tensor& grad, const Tensor& S, int64_t terms) {
-  check_grad_shape("cayley_neumann_backward", grad, S.sizes());
+  check_backward("cayley_neumann_backward", grad, S, terms);
   if (S.numel() == 0) return at::empty(S.sizes(), S.options());
   return backward_impl(grad, S, {}, terms);
 }
 
 Tensor cayley_neumann_powers_backward_cpu(const Tensor& grad, const Tensor& S, const Tensor& powers,
                                           int64_t terms) {
-  check_grad_shape("cayley_neumann_powers_backward", grad, S.sizes());
+  const char* op = "cayley_neumann_powers_backward";
+  check_backward(op, grad, S, terms);
+  auto want = S.sizes().vec();
+  want.insert(want.end() - 2, terms / 2);
+  check_like(op, "powers", powers, want, "S", S);
   if (S.numel() == 0) return at::empty(S.sizes(), S.options());
   const int64_t b = S.size(-1);
-  TORCH_CHECK(powers.dim() == S.dim() + 1 && powers.size(-3) == terms / 2, "opt_fast.cayley_neumann_powers_backward: ",
-              "expected powers of shape [..., ", terms / 2, ", b, b] for terms = ", terms, ", got ", powers.sizes());
   if (terms / 2 == 0) return backward_impl(grad, S, {}, terms);
   return backward_impl(grad, S, unstack_powers(powers, b), terms);
 }

@@ -176,7 +176,12 @@ Tensor svd_polar(const Tensor& P) { return std::get<0>(svd_factors(P, /*contiguo
 // dP = U Y Vh with K = Uᵀ grad Vhᵀ, Y_ij = (K - Kᵀ)_ij / (σ_i + σ_j): the polar factor's VJP in P's singular
 // bases (the reference's lowdin_svd_backward_ref; denominators >= 2 σ_min, infinite for singular P, as the
 // reference). Four matmuls; tall P adds (I - U Uᵀ) grad H⁻¹ = (grad Vhᵀ - U K) diag(1/σ) Vh (one more).
-Tensor polar_vjp(const Tensor& grad, const Tensor& U, const Tensor& S, const Tensor& Vh) {
+Tensor polar_vjp(const Tensor& grad, const Tensor& U, const Tensor& S_in, const Tensor& Vh) {
+  // singular values at or below eps·σ_max are a singular P's zeros, computed at rounding level (an eigh or
+  // SVD of an exactly rank-deficient P gives ±1e-8·σ_max, not 0): zeroed, so that the gradient is non-finite
+  // there and the caller raises, as the reference does (reference/lowdin.py: _singular_as_zero)
+  const double eps = S_in.scalar_type() == at::kFloat ? 1.1920928955078125e-07 : 2.220446049250313e-16;
+  const Tensor S = at::where(S_in.abs() <= S_in.abs().amax(-1, true) * eps, at::zeros_like(S_in), S_in);
   Tensor GV = at::matmul(grad, Vh.mT());
   Tensor K = at::matmul(U.mT(), GV);
   Tensor Y = at::matmul(U, (K - K.mT()) / (S.unsqueeze(-1) + S.unsqueeze(-2)));
@@ -194,7 +199,7 @@ void check_polar_input(const char* op, const Tensor& P) {
 
 void check_lowdin(const Tensor& P, int64_t iters, const std::optional<Tensor>& R0) {
   check_polar_input("lowdin", P);
-  TORCH_CHECK(iters >= 0, "opt_fast.lowdin: expected iters >= 0 (0 = iterate to convergence), got ", iters);
+  check_count("lowdin", "iters", iters, kMaxIters, "0 = iterate to convergence");
   if (R0.has_value()) {
     check_float_matrix("lowdin", "R0", *R0);
     check_same_device_dtype("lowdin", "P", P, "R0", *R0);
@@ -222,7 +227,9 @@ Tensor lowdin_cpu(const Tensor& P, int64_t iters, const std::optional<Tensor>& R
 }
 
 Tensor lowdin_backward_cpu(const Tensor& grad, const Tensor& P, const Tensor& R) {
-  check_grad_shape("lowdin_backward", grad, R.sizes());
+  check_polar_input("lowdin_backward", P);
+  check_like("lowdin_backward", "R", R, P.sizes(), "P", P);
+  check_like("lowdin_backward", "grad", grad, P.sizes(), "P", P);
   if (grad.numel() == 0) return at::zeros_like(P, at::MemoryFormat::Contiguous);
   Tensor RtP = at::matmul(R.mT(), P);
   Tensor H = (RtP + RtP.mT()).mul_(0.5);
@@ -247,7 +254,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lowdin_svd_cpu(const Tensor& P) {
 }
 
 Tensor lowdin_svd_backward_cpu(const Tensor& grad, const Tensor& U, const Tensor& S, const Tensor& Vh) {
-  check_grad_shape("lowdin_svd_backward", grad, U.sizes());
+  const char* op = "lowdin_svd_backward";
+  check_polar_input(op, U);
+  auto s_shape = U.sizes().vec();  // [..., n] for S, [..., n, n] for Vh
+  s_shape.pop_back();
+  s_shape.back() = U.size(-1);
+  auto vh_shape = s_shape;
+  vh_shape.push_back(U.size(-1));
+  check_like(op, "S", S, s_shape, "U", U);
+  check_like(op, "Vh", Vh, vh_shape, "U", U);
+  check_like(op, "grad", grad, U.sizes(), "U", U);
   if (grad.numel() == 0) return at::zeros_like(U, at::MemoryFormat::Contiguous);
   return polar_vjp(grad, U, S, Vh);
 }

@@ -55,6 +55,6 @@ def cayley_ref(S: Tensor) -> Tensor:
 
 
 def cayley_backward_ref(grad: Tensor, Q: Tensor) -> Tensor:
-    _checks.grad_like("cayley_backward", grad, Q.shape)
+    _checks.cayley_backward(grad, Q)
     B = Q.mT + torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)  # (I + Q)ᵀ
     return 0.5 * (B @ grad @ B)

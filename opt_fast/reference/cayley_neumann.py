@@ -81,7 +81,7 @@ def cayley_neumann_powers_ref(S: Tensor, terms: int = 5) -> Tuple[Tensor, Tensor
 def cayley_neumann_backward_ref(grad: Tensor, S: Tensor, terms: int) -> Tensor:
     """grad_S = skew(grad_A), grad_A = Σ_i c_i Σ_{j<i} (Aᵀ)ʲ G (Aᵀ)^(i−1−j): the adjoint of the Fréchet
     derivative of the polynomial, term by term (readable, O(k²) matmuls)."""
-    _checks.grad_like("cayley_neumann_backward", grad, S.shape)
+    _checks.cayley_neumann_backward(grad, S, terms)
     A = _skew_part(S)
     G = grad.to(A.dtype)
     T = A.mT
@@ -100,9 +100,5 @@ def cayley_neumann_backward_ref(grad: Tensor, S: Tensor, terms: int) -> Tensor:
 def cayley_neumann_powers_backward_ref(grad: Tensor, S: Tensor, powers: Tensor, terms: int) -> Tensor:
     """The same gradient; the saved powers are a speed-up only, so the spec ignores their values (it
     checks their shape, as the kernels that read them do)."""
-    op = "cayley_neumann_powers_backward"
-    _checks.grad_like(op, grad, S.shape)
-    if powers.dim() != S.dim() + 1 or powers.shape[-3] != num_powers(terms):
-        _checks.fail(op, f"expected powers of shape [..., {num_powers(terms)}, b, b] for terms = {terms}, "
-                         f"got {list(powers.shape)}")
+    _checks.cayley_neumann_backward(grad, S, terms, powers)
     return cayley_neumann_backward_ref(grad, S, terms)

@@ -216,6 +216,15 @@ def _tighten(lo: float, hi: float, rho: float) -> Tuple[float, float]:
     return min(lo, hi), hi
 
 
+def finish_unconverged(X: Tensor, err: Tensor, tol: float) -> Tensor:
+    """At the step cap (P singular, or so ill-conditioned that the schedule runs out: κ ≳ 1e11 in float64),
+    the finite matrices of X [B, m, n] still short of ``tol`` (err [B]) are finished by an SVD of the iterate,
+    whose singular vectors are P's, rather than returned non-orthogonal."""
+    bad = torch.isfinite(err) & (err > tol)
+    U, _, Vh = torch.linalg.svd(X[bad], full_matrices=False)
+    return X.index_put((bad,), U @ Vh)
+
+
 def _iterate(X: Tensor, A: Tensor, iters: int, lo: float, hi: float) -> Tensor:
     """Polynomial steps from X (A = XᵀX, singular values believed in [lo, hi]): `iters` of them, or
     until converged if iters == 0.
@@ -238,8 +247,10 @@ def _iterate(X: Tensor, A: Tensor, iters: int, lo: float, hi: float) -> Tensor:
             finite = torch.isfinite(err)
             # NaN/inf matrices cannot converge: they are left out of the rule (their output stays NaN).
             worst = float(err[finite].max()) if bool(finite.any()) else 0.0
-            if worst <= tol or k >= cap:
+            if worst <= tol:
                 return X
+            if k >= cap:
+                return finish_unconverged(X, err, tol)
             if _last_step_suffices(worst, d, tol):
                 return _cubic_step(X, A, _TAYLOR)
             lo, hi = _tighten(lo, hi, math.sqrt(d) * worst)
@@ -335,6 +346,14 @@ def lowdin_ref(P: Tensor, iters: int = 0, R0: Optional[Tensor] = None) -> Tensor
 # ---------------------------------------------------------------------------------------------------
 
 
+def _singular_as_zero(sigma: Tensor) -> Tensor:
+    """Singular values at or below eps·σ_max are a singular P's zeros computed at rounding level (eigh or SVD
+    of an exactly rank-deficient P gives ±1e-8·σ_max, not 0): made 0, so that the gradient there is
+    non-finite (the op raises) instead of huge and meaningless."""
+    eps = torch.finfo(sigma.dtype).eps
+    return torch.where(sigma.abs() <= eps * sigma.abs().amax(-1, keepdim=True), torch.zeros_like(sigma), sigma)
+
+
 def lowdin_backward_ref(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
     """VJP of P -> R = polar(P): dP = R Y + (G - R A) H⁻¹ with H Y + Y H = A - Aᵀ, H = sym(RᵀP),
     A = Rᵀ G (G = grad; the second term is zero for square P, where R Rᵀ = I).
@@ -346,13 +365,14 @@ def lowdin_backward_ref(grad: Tensor, P: Tensor, R: Tensor) -> Tensor:
     <𝓛⁻¹(skew(RᵀG)), Rᵀ dP - dPᵀ R> = <2 R 𝓛⁻¹(skew(RᵀG)), dP>, i.e. the formula above. Uses only P
     and R, so memory does not depend on the forward's iteration count.
     """
-    _checks.grad_like("lowdin_backward", grad, R.shape)
+    _checks.lowdin_backward(grad, P, R)
     if grad.numel() == 0:
         return torch.zeros_like(P)
     RtP = R.mT @ P
     H = 0.5 * (RtP + RtP.mT)  # = (PᵀP)^(1/2) up to the forward's accuracy; SPD for nonsingular P
     A = R.mT @ grad
     lam, V = torch.linalg.eigh(H)  # H = V diag(σ) Vᵀ: σ are the singular values of P
+    lam = _singular_as_zero(lam)
     C = V.mT @ (A - A.mT) @ V
     # In H's eigenbasis the Lyapunov equation is diagonal: Y_ij = C_ij / (σ_i + σ_j). The denominators
     # are >= 2 σ_min: the gradient of R is as ill-conditioned as R itself (infinite for singular P).
@@ -391,7 +411,8 @@ def lowdin_svd_backward_ref(grad: Tensor, U: Tensor, S: Tensor, Vh: Tensor) -> T
     """lowdin_backward's formula in P's singular bases: with K = Uᵀ grad V, dP = U Y Vh, Y_ij = (K - Kᵀ)_ij /
     (σ_i + σ_j) (H = V diag(σ) Vᵀ and R V = U, so C = Vᵀ (Rᵀg - gᵀR) V = K - Kᵀ); tall P adds
     (I - U Uᵀ) grad H⁻¹ = (grad V - U K) diag(1/σ) Vh."""
-    _checks.grad_like("lowdin_svd_backward", grad, U.shape)
+    _checks.lowdin_svd_backward(grad, U, S, Vh)
+    S = _singular_as_zero(S)
     GV = grad @ Vh.mT
     K = U.mT @ GV
     Y = U @ ((K - K.mT) / (S.unsqueeze(-1) + S.unsqueeze(-2)))
