@@ -1,5 +1,6 @@
 """Tests of the LM workflow (opt_fast.train.lm): CLI short run, resume, DDP on gloo, fine-tuning variants,
 merge/save/reload, the missing-extra message. llama-tiny on a small slice of the standard library."""
+import dataclasses
 import json
 import os
 import socket
@@ -56,6 +57,19 @@ def test_split_is_deterministic_and_by_file(tmp_path):
     assert [d.key for d in D.list_docs(str(one))] == [f"one.txt:{k}" for k in range(6)]  # 200-line pieces
 
 
+def test_unreadable_cache_entries_are_rebuilt(tmp_path, cache, capsys):
+    import shutil
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    before = D.prepare("stdlib", "bpe", 512, 0.2, str(copy))
+    for f in copy.iterdir():   # truncated token arrays and tokenizer (a full disk, a killed copy)
+        if f.suffix in (".npy", ".json"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    after = D.prepare("stdlib", "bpe", 512, 0.2, str(copy))
+    assert "is unreadable" in capsys.readouterr().err
+    assert all((after.tokens[k] == before.tokens[k]).all() for k in before.tokens)
+
+
 def test_bytes_tokenizer_and_windows(tmp_path):
     (tmp_path / "a").mkdir()
     for i in range(40):
@@ -95,13 +109,18 @@ def test_cli_short_run_merge_save_reload(tmp_path, cache):
 def test_resume_equals_uninterrupted(tmp_path, cache, method, optimizer, steps, stop):
     kw = dict(method=method, optimizer=optimizer, steps=steps, merge_every=3)
     full = train_lm(_cfg(cache, out=str(tmp_path / "full"), **kw))
-    train_lm(_cfg(cache, out=str(tmp_path / "part"), stop_after=stop, **kw))  # interrupted (after a merge)
+    part = train_lm(_cfg(cache, out=str(tmp_path / "part"), stop_after=stop, **kw))  # interrupted (after a merge)
+    # the stopped run's final validation is its last step's, not that of the evaluation before it
+    assert part["history"][-1]["step"] < stop and part["final_val_loss"] != part["history"][-1]["val_loss"]
     resumed = train_lm(_cfg(cache, out=str(tmp_path / "part"), resume=str(tmp_path / "part" / "checkpoint.pt"), **kw))
     assert resumed["losses"] == full["losses"]
     assert [h["val_loss"] for h in resumed["history"]] == [h["val_loss"] for h in full["history"]]
-    with pytest.raises(SystemExit, match="--steps"):
-        train_lm(_cfg(cache, out=str(tmp_path / "x"), resume=str(tmp_path / "part" / "checkpoint.pt"),
-                      **dict(kw, steps=steps + 1)))
+    # the train loss of each record averages the same steps as the uninterrupted run's
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    for changed in (dict(steps=steps + 1), dict(warmup=3), dict(clip=0.5)):
+        with pytest.raises(SystemExit, match="--" + next(iter(changed))):
+            train_lm(_cfg(cache, out=str(tmp_path / "x"), resume=str(tmp_path / "part" / "checkpoint.pt"),
+                          **dict(kw, **changed)))
 
 
 # ---- DDP: 2 gloo processes = 1 process with the same global batch ----------------------------------------------
@@ -196,6 +215,6 @@ def test_compare_table_plot_and_reuse(tmp_path, cache, capsys):
     text = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| none+adamw |" in text and "| cayley |" in text and "1.00×" in text
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
-    again = run_compare(cfg, ["none+adamw", "cayley"])
-    assert "reusing the finished run" in capsys.readouterr().out
+    again = run_compare(dataclasses.replace(cfg, progress=True, threads=2), ["none+adamw", "cayley"])
+    assert "reusing the finished run" in capsys.readouterr().out   # how a run is shown or paced: still reused
     assert again["cayley"]["losses"] == res["cayley"]["losses"]

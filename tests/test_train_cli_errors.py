@@ -48,9 +48,20 @@ def test_fresh_run_refuses_existing_checkpoint(tmp_path):
 # ---- 2: bad values end in one line before anything trains -----------------------------------------------------
 @pytest.mark.parametrize("args,expect", [
     (["--momentum", "-1"], "--momentum must be in [0, 1)"),
-    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be finite and >= 0"),
     (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1)"),
-    (["--threads", "-1"], "--threads must be >= 1"),
+    (["--threads", "-1"], "--threads must be in 1..1024"),
+    (["--threads", "100000"], "--threads must be in 1..1024"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295"),
+    (["--seed", "99999999999999999999"], "--seed must be in 0..4294967295"),
+    (["--lr", "nan"], "--lr and --ogd-lr must be finite and > 0"),
+    (["--lr", "inf"], "--lr and --ogd-lr must be finite and > 0"),
+    (["--ogd-lr", "nan"], "--lr and --ogd-lr must be finite and > 0"),
+    (["--warmup-epochs", "nan"], "--warmup-epochs and --orth-reg-weight must be finite"),
+    (["--orth-reg-weight", "nan"], "--warmup-epochs and --orth-reg-weight must be finite"),
+    (["--weight-decay", "nan"], "--weight-decay must be finite"),
+    (["--lr-gamma", "nan"], "--lr-gamma and --bn-eps must be finite"),
+    (["--bn-eps", "inf"], "--lr-gamma and --bn-eps must be finite"),
     (["--device", "foo"], "--device 'foo' is not a torch device"),
     (["--lr-milestones", "0.5,2"], "fractions of training"),
     (["--warmup-epochs", "3"], "--warmup-epochs 3 is longer than the run"),
@@ -67,8 +78,14 @@ def test_out_is_a_file_and_lm_bad_values(tmp_path):
     assert "is an existing file" in _error(TINY + ["--out", str(f)])
     pytest.importorskip("transformers")
     lm = ["--dataset", "stdlib", "--model", "llama-tiny", "--steps", "2"]
-    assert "--clip must be >= 0" in _error(lm + ["--clip", "-1"])
-    assert "--threads must be >= 1" in _error(lm + ["--threads", "-1"])
+    assert "--clip must be finite and >= 0" in _error(lm + ["--clip", "-1"])
+    assert "--clip must be finite and >= 0" in _error(lm + ["--clip", "nan"])
+    assert "--threads must be in 1..1024" in _error(lm + ["--threads", "-1"])
+    assert "--seed must be in 0..4294967295" in _error(lm + ["--seed", "-1"])
+    for flag in ("--lr", "--opt-lr", "--weight-decay"):
+        assert "must be finite" in _error(lm + [flag, "nan"])
+    assert "--lr and --opt-lr must be finite" in _error(lm + ["--lr", "inf"])
+    assert "--corpus-mb must be finite and > 0" in _error(lm + ["--corpus-mb", "nan"])
     assert "not a torch device" in _error(lm + ["--device", "foo"])
     assert "is an existing file" in _error(lm + ["--out", str(f)])
 
@@ -216,3 +233,50 @@ def test_help_mentions_lm_cli_and_lm_defaults(capsys):
     text = " ".join(parser().format_help().split())
     for default in ("(default: 200)", "(default: 32)", "(default: 8)", "(default: 256)", "(default: 50)"):
         assert default in text, default
+
+
+# ---- audit: saved runs are not overwritten by a resume into another folder or by --export ------------------------
+def test_resume_into_another_runs_folder_and_export_onto_a_file_are_refused(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert main(TINY + ["--out", str(a), "--stop-after", "1"]) == 0
+    assert main(TINY + ["--out", str(b), "--seed", "5", "--stop-after", "1"]) == 0
+    saved = {p: p.read_bytes() for p in (a / "checkpoint.pt", b / "checkpoint.pt")}
+    msg = _error(TINY + ["--resume", str(a / "checkpoint.pt"), "--out", str(b)])
+    assert "holds another run" in msg and "would overwrite" in msg
+    msg = _error(TINY + ["--export", str(a / "checkpoint.pt")])
+    assert "already exists" in msg
+    assert all(p.read_bytes() == data for p, data in saved.items())
+    (b / "checkpoint.pt").unlink()   # a finished run whose checkpoint was deleted keeps its results too
+    (b / "metrics.json").write_text("{}")
+    assert "already holds a finished run's results" in _error(TINY + ["--out", str(b)])
+    assert "holds another run (metrics.json)" in _error(TINY + ["--resume", str(a / "checkpoint.pt"),
+                                                                "--out", str(b)])
+    # its own folder, or a fresh one, are fine
+    assert main(TINY + ["--resume", str(a / "checkpoint.pt"), "--out", str(tmp_path / "C")]) == 0
+    assert main(TINY + ["--resume", str(a / "checkpoint.pt"), "--out", str(a)]) == 0
+
+
+def test_corrupt_archive_is_one_line(tmp_path):
+    import io
+    import tarfile
+    import zlib
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("train", "test"):
+            data = b"abc" * 100_000
+            info = tarfile.TarInfo("cifar-100-python/" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    gz = zlib.compressobj(9, zlib.DEFLATED, 31)
+    head = gz.compress(raw[:200_000]) + gz.flush(zlib.Z_FULL_FLUSH)   # a block boundary past the headers
+    corrupt = bytearray(head + gz.compress(raw[200_000:]) + gz.flush())
+    corrupt[len(head)] |= 0x06   # the next block's type 11: zlib.error while reading, not a TarError at open
+    path = tmp_path / "c100.tar.gz"
+    path.write_bytes(bytes(corrupt))
+    msg = _error(["--dataset", "cifar100", "--model", "cnn6", "--data-dir", str(path), "--epochs", "1"])
+    assert "is not a readable .tar.gz (error: Error -3" in msg
+    not_tar = tmp_path / "notes.txt"   # tarfile's ReadError spans several lines: quoted on one
+    not_tar.write_text("not an archive\n")
+    assert "is not a readable .tar.gz" in _error(["--dataset", "cifar100", "--model", "cnn6", "--data-dir",
+                                                  str(not_tar), "--epochs", "1"])

@@ -91,6 +91,8 @@ def check_out(out, export=None) -> None:
     if export:
         if os.path.isdir(export):
             fail(f"--export {export} is a folder; give a file path (e.g. {os.path.join(export, 'plain.pt')})")
+        if os.path.exists(export):   # e.g. a run's resumable checkpoint.pt: never replaced without asking
+            fail(f"--export {export} already exists; pick another path (or delete that file)")
         folder = os.path.dirname(os.path.abspath(export))
         why = _unwritable(folder)
         if why:
@@ -109,13 +111,26 @@ def _unwritable(folder: str):
 
 
 def refuse_overwrite(out, resume, extra: str = "") -> None:
-    """A fresh run (no --resume) must not silently overwrite the checkpoint.pt of an earlier run in --out."""
-    if not out or resume:
+    """A run must not silently overwrite an earlier run in --out (its checkpoint.pt, or the metrics.json of a
+    finished run whose checkpoint was deleted): a fresh run refuses such a folder, and so does a resumed one
+    unless it is the folder of the checkpoint it resumes."""
+    if not out:
         return
     path = os.path.join(out, "checkpoint.pt")
+    if resume:
+        own = os.path.realpath(os.path.dirname(os.path.abspath(resume))) == os.path.realpath(out)
+        held = [f for f in ("checkpoint.pt", "metrics.json") if os.path.isfile(os.path.join(out, f))]
+        if held and not own:
+            fail(f"--out {out} holds another run ({', '.join(held)}) than the checkpoint resumed ({resume}): "
+                 f"resuming into it would overwrite that run; pick a fresh --out (or the resumed run's own "
+                 f"folder, {os.path.dirname(os.path.abspath(resume))})")
+        return
     if os.path.isfile(path):
         fail(f"--out {out} already holds a run's checkpoint ({path}); pass --resume {path} to continue it, "
              f"or pick another --out (or delete that folder) for a fresh run{extra}")
+    if os.path.isfile(os.path.join(out, "metrics.json")):
+        fail(f"--out {out} already holds a finished run's results ({os.path.join(out, 'metrics.json')}); pick "
+             f"another --out (or delete that folder) for a fresh run{extra}")
 
 
 def interrupted(out, resume, argv, compare=False) -> int:

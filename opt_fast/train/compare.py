@@ -36,7 +36,8 @@ def _machine():
 def budget_line(cfg: TrainConfig) -> str:
     """The report's line that says what every method was trained with (``cfg`` resolved)."""
     penalty = "‖RRᵀ−I‖²_F" if cfg.orth_reg_penalty == "squared" else "‖RRᵀ−I‖_F"
-    return (f"* budget (--recipe {cfg.recipe}): {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr} "
+    stop = f" (each run stopped after {cfg.stop_after}: --stop-after)" if cfg.stop_after else ""
+    return (f"* budget (--recipe {cfg.recipe}): {cfg.epochs} epochs{stop}, batch {cfg.batch_size}, lr {cfg.lr} "
             f"(linear warm-up over {cfg.warmup_epochs:g} epochs, ×{cfg.lr_gamma} at "
             f"{', '.join(f'{f:.3g}' for f in cfg.lr_milestones)} of training), momentum {cfg.momentum}, "
             f"weight decay {cfg.weight_decay}, label smoothing {cfg.label_smoothing}, "

@@ -31,7 +31,7 @@ CKPT_NAME = "checkpoint.pt"
 ORTH_REG_PENALTIES = ("squared", "norm")
 
 
-from .guards import check_device, fail, step_failed
+from .guards import check_device, check_seed, check_threads, fail, step_failed
 
 
 @dataclass
@@ -97,10 +97,12 @@ def validate(cfg: TrainConfig) -> None:
         fail(f"unknown --dataset {cfg.dataset!r}; choose one of {', '.join(data_mod.DATASETS)}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         fail(f"--epochs and --batch-size must be >= 1 (got {cfg.epochs}, {cfg.batch_size})")
-    if cfg.lr <= 0 or cfg.ogd_lr <= 0:
-        fail("--lr and --ogd-lr must be > 0")
-    if cfg.warmup_epochs < 0 or cfg.orth_reg_weight < 0:
-        fail("--warmup-epochs and --orth-reg-weight must be >= 0")
+    # written as "not (x > 0)" with an upper bound: NaN fails every comparison, and inf is no setting
+    if not (0 < cfg.lr < math.inf and 0 < cfg.ogd_lr < math.inf):
+        fail(f"--lr and --ogd-lr must be finite and > 0, got {cfg.lr}, {cfg.ogd_lr}")
+    if not (0 <= cfg.warmup_epochs < math.inf and 0 <= cfg.orth_reg_weight < math.inf):
+        fail(f"--warmup-epochs and --orth-reg-weight must be finite and >= 0, got {cfg.warmup_epochs}, "
+             f"{cfg.orth_reg_weight}")
     if not 0 <= cfg.bn_momentum <= 1:
         fail(f"--bn-momentum must be in [0, 1] (PyTorch sense: 1 - TF decay), got {cfg.bn_momentum}")
     if cfg.orth_reg_penalty not in ORTH_REG_PENALTIES:
@@ -122,18 +124,18 @@ def validate(cfg: TrainConfig) -> None:
         fail("--stop-after must be in 1..epochs")
     if not 0 <= cfg.momentum < 1:
         fail(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    if cfg.weight_decay < 0:
-        fail(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if not 0 <= cfg.weight_decay < math.inf:
+        fail(f"--weight-decay must be finite and >= 0, got {cfg.weight_decay}")
     if not 0 <= cfg.label_smoothing < 1:
         fail(f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    if cfg.lr_gamma <= 0 or cfg.bn_eps <= 0:
-        fail(f"--lr-gamma and --bn-eps must be > 0 (got {cfg.lr_gamma}, {cfg.bn_eps})")
+    if not (0 < cfg.lr_gamma < math.inf and 0 < cfg.bn_eps < math.inf):
+        fail(f"--lr-gamma and --bn-eps must be finite and > 0 (got {cfg.lr_gamma}, {cfg.bn_eps})")
     bad = [f for f in cfg.lr_milestones if not 0 < f < 1]
     if bad:
         fail(f"--lr-milestones are fractions of training, each in (0, 1) (0.5 = half way), got "
              f"{', '.join(f'{f:g}' for f in bad)}")
-    if cfg.threads is not None and cfg.threads < 0:
-        fail(f"--threads must be >= 1 (0 or unset: the default), got {cfg.threads}")
+    check_threads(cfg.threads)
+    check_seed(cfg.seed)
     check_device(cfg.device)
     ckpt.check_out(cfg.out, cfg.export)
 

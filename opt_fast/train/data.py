@@ -5,6 +5,7 @@ left-right flip, §1.5) is done on whole batches with a generator seeded from (s
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ class DataError(SystemExit):
     """A one-line, actionable data error (exits the CLI with status 1)."""
 
     def __init__(self, msg):
-        super().__init__(PREFIX + msg)
+        super().__init__(PREFIX + " ".join(msg.split()))   # one line, also when it quotes a multi-line error
 
 
 @dataclass
@@ -86,7 +87,7 @@ def load_cifar(name: str, data_dir: str) -> Data:
                         raise DataError(f"{data_dir} has no {folder}/{f}; it is not the {name} python-format "
                                         f"archive ({hint})")
                     raws[f] = tar.extractfile(m).read()
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:   # zlib: a corrupt compressed block
             raise DataError(f"{data_dir} is not a readable .tar.gz ({type(e).__name__}: {e}); {hint}") from None
     else:
         base = os.path.join(data_dir, folder) if os.path.isdir(os.path.join(data_dir, folder)) else data_dir

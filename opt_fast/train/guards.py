@@ -15,6 +15,19 @@ def fail(msg: str):
     raise SystemExit(PREFIX + msg)
 
 
+MAX_THREADS = 1024   # past any machine; torch's set_num_threads(100000) ends in a MemoryError
+
+
+def check_threads(threads: Optional[int]) -> None:
+    if threads is not None and not 0 <= threads <= MAX_THREADS:
+        fail(f"--threads must be in 1..{MAX_THREADS} (0 or unset: the default), got {threads}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**32:   # numpy's (and torch's manual_seed's portable) range
+        fail(f"--seed must be in 0..{2**32 - 1}, got {seed}")
+
+
 def check_device(name: str) -> None:
     """--device must parse as a torch device and be available here (one-line error otherwise)."""
     try:

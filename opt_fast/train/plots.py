@@ -14,8 +14,8 @@ def plot_run(metrics, out):
     h = metrics["history"]
     ep = [r["epoch"] for r in h]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ep, [r["train_acc"] for r in h], label="train")
-    ax.plot(ep, [r["test_acc"] for r in h], label="test")
+    ax.plot(ep, [r["train_acc"] for r in h], label="train", marker=".")   # (a 1-epoch run is one point)
+    ax.plot(ep, [r["test_acc"] for r in h], label="test", marker=".")
     ax.set(xlabel="epoch", ylabel="accuracy", title=f"{metrics['model']} / {metrics['method']} / {metrics['dataset']}")
     ax.legend()
     fig.tight_layout()
@@ -39,7 +39,7 @@ def plot_compare(results, out):
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, met in results.items():
         h = met["history"]
-        ax.plot([r["epoch"] for r in h], [r["test_acc"] for r in h], label=m)
+        ax.plot([r["epoch"] for r in h], [r["test_acc"] for r in h], label=m, marker=".")
     ax.set(xlabel="epoch", ylabel="test accuracy", title="method comparison (same seed and budget)")
     ax.legend(fontsize=8)
     fig.tight_layout()

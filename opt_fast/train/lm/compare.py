@@ -36,8 +36,19 @@ def _finished(run):
             m = json.load(f)
     except (OSError, ValueError):
         return None
-    same = m.get("config") == run.resolved().to_dict() and m.get("steps_done") == m["config"]["steps"]
+    config = m.get("config")
+    if not isinstance(config, dict):
+        return None
+    same = (_result_keys(config) == _result_keys(run.resolved().to_dict())
+            and m.get("steps_done") == config.get("steps"))
     return m if same else None
+
+
+_NOT_RESULT = ("progress", "threads", "save_every")   # how a run is shown or paced, not what it computes
+
+
+def _result_keys(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _NOT_RESULT}
 
 
 def _note_load(folder, load):

@@ -1,11 +1,12 @@
 """LMConfig: every option of an LM pretraining or fine-tuning run (the CLI maps flags 1:1 onto it)."""
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 from opt_fast.nn import BLOCK_METHODS
 
-from ..guards import fail  # noqa: F401  (the LM modules' one-line error)
+from ..guards import check_seed, check_threads, fail  # fail: also the LM modules' one-line error
 from .model import SIZES
 from .optim import OPTIMIZERS
 
@@ -102,18 +103,20 @@ def validate(cfg: LMConfig) -> None:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.merge_every < 0 or cfg.save_every < 0 or cfg.terms < 0 or cfg.warmup < 0:
         fail("--merge-every, --save-every, --terms and --warmup must be >= 0")
-    if cfg.lr <= 0 or cfg.opt_lr <= 0 or cfg.weight_decay < 0:
-        fail("--lr and --opt-lr must be > 0, --weight-decay >= 0")
+    # written as "not (x > 0)": NaN fails every comparison, and inf is no learning rate
+    if not (0 < cfg.lr < math.inf and 0 < cfg.opt_lr < math.inf and 0 <= cfg.weight_decay < math.inf):
+        fail(f"--lr and --opt-lr must be finite and > 0, --weight-decay finite and >= 0; got {cfg.lr}, "
+             f"{cfg.opt_lr}, {cfg.weight_decay}")
     if cfg.stop_after is not None and not 1 <= cfg.stop_after <= cfg.steps:
         fail(f"--stop-after must be in 1..--steps ({cfg.steps}), got {cfg.stop_after}")
     if cfg.autocast not in (None, "bf16"):
         fail(f"--autocast must be bf16, got {cfg.autocast!r}")
-    if cfg.corpus_mb is not None and cfg.corpus_mb <= 0:
-        fail("--corpus-mb must be > 0")
-    if cfg.clip < 0:
-        fail(f"--clip must be >= 0 (0 = off), got {cfg.clip}")
-    if cfg.threads is not None and cfg.threads < 0:
-        fail(f"--threads must be >= 1 (0 or unset: the default), got {cfg.threads}")
+    if cfg.corpus_mb is not None and not 0 < cfg.corpus_mb < math.inf:
+        fail(f"--corpus-mb must be finite and > 0, got {cfg.corpus_mb}")
+    if not 0 <= cfg.clip < math.inf:
+        fail(f"--clip must be finite and >= 0 (0 = off), got {cfg.clip}")
+    check_threads(cfg.threads)
+    check_seed(cfg.seed)
     if cfg.warmup > cfg.steps:
         fail(f"--warmup {cfg.warmup} is longer than the run (--steps {cfg.steps})")
     from ..guards import check_device

@@ -21,6 +21,8 @@ is what makes resume and 1-vs-N-process runs follow the same curve.
 import hashlib
 import json
 import os
+import pathlib
+import sys
 import sysconfig
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -204,6 +206,17 @@ def _doc_sig(docs: List[Doc]):
     return [(d.key, d.size, d.mtime_ns) for d in docs]
 
 
+def _read_cache(path: str, read):
+    """A cache entry, or None (after saying so) if it cannot be read (truncated, corrupted): it is rebuilt."""
+    try:
+        return read()
+    except Exception as e:   # ValueError / EOFError from numpy, the tokenizers parser's own Exception
+        first = (str(e).splitlines() or [""])[0]
+        print(f"opt_fast.train: the cache file {path} is unreadable ({type(e).__name__}: {first}); rebuilding it",
+              file=sys.stderr)
+        return None
+
+
 def _train_tokenizer(kind: str, vocab: int, train_docs: List[Doc], cache: str):
     if kind == "bytes":
         return ByteTokenizer()
@@ -213,8 +226,9 @@ def _train_tokenizer(kind: str, vocab: int, train_docs: List[Doc], cache: str):
         fail(f"--vocab-size {vocab} is too small for a byte-level BPE (256 byte tokens + merges)")
     path = os.path.join(cache, "tokenizer-" + _key(_FORMAT, vocab, _doc_sig(train_docs)) + ".json")
     if os.path.isfile(path):
-        with open(path) as f:
-            return BPETokenizer.from_json(f.read())
+        cached = _read_cache(path, lambda: BPETokenizer.from_json(pathlib.Path(path).read_text()))
+        if cached is not None:
+            return cached
     sample, size = [], 0
     for d in train_docs:
         if size >= BPE_SAMPLE_BYTES:
@@ -263,8 +277,9 @@ def prepare(corpus: str, tokenizer: str = "bpe", vocab_size: int = 4096, corpus_
     for s in splits:
         path = os.path.join(cache, f"{s}-" + _key(_FORMAT, tok_id, _doc_sig(by_split[s])) + ".npy")
         if os.path.isfile(path):
-            tokens[s] = np.load(path)
-            continue
+            tokens[s] = _read_cache(path, lambda: np.load(path))
+            if tokens[s] is not None:
+                continue
         tokens[s] = _encode_split(tok, by_split[s])
         atomic_write(path, lambda f: np.save(f, tokens[s]))
     return Corpus(tok, tokens, {s: len(v) for s, v in by_split.items()}, corpus)

@@ -42,7 +42,7 @@ from .model import count_parameters
 FORMAT = "opt_fast.train.lm/1"
 _RESUME_KEYS = ("model", "method", "optimizer", "corpus", "corpus_mb", "tokenizer", "vocab_size", "seed", "steps",
                 "batch_size", "seq_len", "block_size", "sides", "merge_every", "terms", "fresh_w0", "lr", "opt_lr",
-                "weight_decay")
+                "weight_decay", "warmup", "clip")
 
 
 def _progress(step, steps, loss, tok_s, val, enabled):
@@ -278,7 +278,10 @@ def _train(cfg: LMConfig, dist, return_model: bool):
     last = cfg.stop_after or cfg.steps
     if not history:
         record(0.0, 0, 0)
-    mark = (train_time, step * cfg.batch_size * cfg.seq_len, len(losses))
+    # from the last record (not the resumed step): a resumed run's next train loss and tokens/s average over
+    # the same steps as an uninterrupted run's
+    h = history[-1]
+    mark = (h["train_time"], h["tokens"], max(0, len(losses) - (step - h["step"])))
     model.train()
     val_now = history[-1]["val_loss"]
     while step < last:
@@ -320,6 +323,10 @@ def _train(cfg: LMConfig, dist, return_model: bool):
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint()
     save_checkpoint()
+    final = history[-1]
+    if final["step"] != step:   # stopped (--stop-after) between evaluations: the end's own validation
+        val = evaluate(model, val_w, n_val, 2 * cfg.batch_size, dist, device, cfg.autocast)
+        final = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     metrics = {"config": cfg.to_dict(), "method": cfg.method, "optimizer": cfg.optimizer, "model": cfg.model,
                "finetune": cfg.finetune, "world_size": dist.world, "parameters": n_params,
@@ -327,7 +334,7 @@ def _train(cfg: LMConfig, dist, return_model: bool):
                "tokens": step * cfg.batch_size * cfg.seq_len, "train_time": train_time,
                "tokens_per_s": step * cfg.batch_size * cfg.seq_len / train_time if train_time > 0 else None,
                "step_time": train_time / step if step else None, "history": history, "losses": losses,
-               "final_val_loss": history[-1]["val_loss"], "final_val_ppl": history[-1]["val_ppl"],
+               "final_val_loss": final["val_loss"], "final_val_ppl": final["val_ppl"],
                "spectrum": _spectrum_summary(spectrum_check(model), spectra), "threads": torch.get_num_threads()}
     if step == cfg.steps and main and out:
         sample = val_w.stack(range(min(2, val_w.count))).to(device)[:, :-1]
