@@ -22,6 +22,8 @@ derivative (``_STAND_INS``): lowdin's reference stops on the orthogonality of it
 tangent's convergence, but in float64 the tangent is then accurate to ~1e-13 (measured against the SVD
 formula, d = 2..100); the warm start R0 is left out (an accepted R0 would make the output independent of P).
 With iters > 0 from a cold start the op is that many steps, not the polar factor yet: their own derivative.
+Under torch.func's transforms (vmap of jvp / jacfwd) a stand-in may not branch on values: lowdin's then runs
+its whole step budget instead of stopping on a measured error, and cayley's is the bare 2 (I − S)⁻¹ − I.
 Outputs marked non-differentiable (lowdin_svd's U, S, Vh) carry no tangent, as they get no gradient.
 
 Reverse mode under torch.func transforms (``grad``, ``vjp``, ``jacrev``, ``functional_call`` + ``grad``)
@@ -43,7 +45,10 @@ from torch._library.autograd import Info, make_autograd_impl
 
 from .reference import REFERENCE_KERNELS
 from .reference.cayley_neumann import cayley_neumann_ref
+from .reference import lowdin as _lowdin_ref_module
 from .reference.lowdin import lowdin_ref, warm_start_accepted
+
+_POLAR_STEPS = len(_lowdin_ref_module._SCHEDULE) + _lowdin_ref_module._TAIL_STEPS
 
 __all__ = ["register_autograd", "has_tangent"]
 
@@ -56,12 +61,22 @@ def has_tangent(*args) -> bool:
 
 
 def _lowdin(P, iters=0, R0=None):
-    # iters = 0: the polar factor, whose derivative the op's backward uses for every R0; else those steps
+    # iters = 0: the polar factor, whose derivative the op's backward uses for every R0; else those steps.
+    # Under torch.func's transforms (vmap of jvp / jacfwd) nothing may branch on values: the converging
+    # loop's stopping rule is replaced by its whole step budget (the polar factor of any P it converges on)
+    if iters == 0 and _C._are_functorch_transforms_active():
+        return lowdin_ref(P, _POLAR_STEPS)
     return lowdin_ref(P) if iters == 0 or warm_start_accepted(P, R0) else lowdin_ref(P, iters)
 
 
+def _cayley(S):
+    # 2 (I − S)⁻¹ − I, the reference's formula without its value checks (the op raises or gives NaN itself)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype, device=S.device)
+    return 2.0 * torch.linalg.inv(eye - S) - eye
+
+
 def _lowdin_svd(P):
-    return lowdin_ref(P), None, None, None  # only R is differentiable
+    return _lowdin(P), None, None, None  # only R is differentiable
 
 
 def _cayley_neumann_powers(S, terms=5):
@@ -69,7 +84,8 @@ def _cayley_neumann_powers(S, terms=5):
 
 
 # op -> a function of the op's arguments whose derivatives are the op's (None: an output without one)
-_STAND_INS = {"lowdin": _lowdin, "lowdin_svd": _lowdin_svd, "cayley_neumann_powers": _cayley_neumann_powers}
+_STAND_INS = {"lowdin": _lowdin, "lowdin_svd": _lowdin_svd, "cayley_neumann_powers": _cayley_neumann_powers,
+              "cayley": _cayley}
 
 
 def _stand_in(op: str) -> Optional[Callable]:

@@ -3,7 +3,7 @@ torch.ops.opt_fast op and through converted models (functional_call): the same g
 torch.autograd on the same inputs."""
 import pytest
 import torch
-from torch.func import functional_call, grad, hessian, jacrev, vjp, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import opt_fast.nn as onn
 from opt_fast._ops import ALL_OPS
@@ -51,6 +51,21 @@ def test_jacrev_and_hessian_equal_autograd(op):
     g, = torch.autograd.grad(s(xr), xr, create_graph=True)
     want, = torch.autograd.grad(g.square().sum(), xr)
     torch.testing.assert_close(grad(lambda x: grad(s)(x).square().sum())(x), want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["cayley", "lowdin", "lowdin_svd", "cayley_neumann", "gram_schmidt"])
+def test_vmap_of_forward_mode_equals_reverse_mode(op):
+    # vmap(jacfwd) / vmap(jvp): the forward-mode stand-in may not branch on values under vmap (lowdin's and
+    # cayley's references did: "vmap ... .item()"); the batch of Jacobians equals jacrev's, matrix by matrix
+    args, diff = op_args(op)
+    X = args[diff[0]]
+    X = X if X.dim() > 2 else X.expand(2, *X.shape).clone()
+    f = lambda x: _first(getattr(ops, op)(*_with(args, diff[:1], (x,))))  # noqa: E731
+    J = vmap(jacfwd(f))(X)
+    torch.testing.assert_close(J, torch.stack([jacrev(f)(x) for x in X]), rtol=1e-10, atol=1e-10)
+    T = _rn(*X.shape, seed=7)
+    _, tangent = vmap(lambda x, t: jvp(f, (x,), (t,)))(X, T)
+    torch.testing.assert_close(tangent, torch.einsum("b...ij,bij->b...", J, T), rtol=1e-10, atol=1e-10)
 
 
 def test_vmap_of_a_function_with_trainable_inputs_then_backward():
