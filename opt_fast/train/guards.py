@@ -1,5 +1,6 @@
-"""The training CLIs' one-line refusals that both workflows (CNN and LM) share: the error itself, the device
-check, and what a training step that raised inside an op ends with."""
+"""The training CLIs' one-line refusals that both workflows (CNN and LM) share: the error itself, the thread,
+seed and device checks, what a training step that raised inside an op ends with, and how --compare records
+a run that failed."""
 import os
 import sys
 from typing import Optional
