@@ -280,3 +280,19 @@ def test_corrupt_archive_is_one_line(tmp_path):
     not_tar.write_text("not an archive\n")
     assert "is not a readable .tar.gz" in _error(["--dataset", "cifar100", "--model", "cnn6", "--data-dir",
                                                   str(not_tar), "--epochs", "1"])
+
+
+def test_abbreviated_flags_pick_the_lm_workflow_as_argparse_reads_them():
+    from opt_fast.train.lm.cli import wants_lm
+    assert wants_lm(["--datas", "stdlib"]) and wants_lm(["--mod=llama-tiny"]) and wants_lm(["--dataset=text"])
+    assert not wants_lm(["--dataset", "digits", "--momentum", "0.9"]) and not wants_lm(["--model", "small"])
+
+
+def test_from_checkpoint_of_a_peft_run_points_to_its_model_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from opt_fast.train.lm.finetune import load_base
+    run = tmp_path / "lora"
+    run.mkdir()
+    path = _fake_checkpoint(run / "checkpoint.pt", ckpt.LM_FORMAT, method="peft-lora", model="llama-tiny")
+    with pytest.raises(SystemExit, match=r"peft-lora fine-tuning run's checkpoint .*merged model/ folder \(.*lora/model\)"):
+        load_base(path)

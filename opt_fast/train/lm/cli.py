@@ -30,11 +30,13 @@ def wants_lm(argv) -> bool:
     from . import is_lm
     vals = {}
     for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
         for flag in ("--dataset", "--model"):
-            if a == flag and i + 1 < len(argv):
-                vals[flag] = argv[i + 1]
-            elif a.startswith(flag + "="):
-                vals[flag] = a.split("=", 1)[1]
+            if len(name) > 2 and name.startswith("--") and flag.startswith(name):   # argparse's abbreviations too
+                if eq:
+                    vals[flag] = value
+                elif i + 1 < len(argv):
+                    vals[flag] = argv[i + 1]
     return is_lm(vals.get("--dataset"), vals.get("--model"))
 
 

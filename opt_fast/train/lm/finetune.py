@@ -84,8 +84,11 @@ def load_base(path: str):
     from .. import checkpoint as ckpt
     state = ckpt.load(ckpt_path, flag="--from-checkpoint")
     ckpt.check_format(state, ckpt_path, ckpt.LM_FORMAT, flag="--from-checkpoint")
-    from .config import LMConfig
+    from .config import FINETUNE_ONLY, LMConfig
     saved = LMConfig(**state["config"])
+    if saved.method in FINETUNE_ONLY:   # its checkpoint holds the PEFT-wrapped model: the export is the plain one
+        fail(f"--from-checkpoint {given} is a {saved.method} fine-tuning run's checkpoint (PEFT adapters); start "
+             f"from its merged model/ folder ({os.path.join(os.path.dirname(ckpt_path), 'model')}) instead")
     model = build_pretrain(saved, state["vocab_size"])
     model.load_state_dict(state["model"])
     return plain_model(model, saved.method), state["tokenizer"], state["config"]
