@@ -53,6 +53,11 @@ _POLAR_STEPS = len(_lowdin_ref_module._SCHEDULE) + _lowdin_ref_module._TAIL_STEP
 __all__ = ["register_autograd", "has_tangent"]
 
 
+def values_readable() -> bool:
+    """False while torch.compile traces or under torch.func's transforms: no branching on tensor values."""
+    return not (torch.compiler.is_compiling() or _C._are_functorch_transforms_active())
+
+
 def has_tangent(*args) -> bool:
     """True if a Tensor among ``args`` carries a forward-AD tangent (cheap outside a dual level)."""
     if fwAD._current_level < 0:
@@ -64,7 +69,7 @@ def _lowdin(P, iters=0, R0=None):
     # iters = 0: the polar factor, whose derivative the op's backward uses for every R0; else those steps.
     # Under torch.func's transforms (vmap of jvp / jacfwd) nothing may branch on values: the converging
     # loop's stopping rule is replaced by its whole step budget (the polar factor of any P it converges on)
-    if iters == 0 and _C._are_functorch_transforms_active():
+    if iters == 0 and not values_readable():
         return lowdin_ref(P, _POLAR_STEPS)
     return lowdin_ref(P) if iters == 0 or warm_start_accepted(P, R0) else lowdin_ref(P, iters)
 

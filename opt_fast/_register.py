@@ -207,6 +207,10 @@ def _lowdin_setup(ctx, inputs, output):
 
 def _lowdin_bw(ctx, grad):
     P, R, R0 = ctx.saved_tensors
+    if ctx.iters and R0 is not None and not _forward_ad.values_readable():
+        _checks.fail("lowdin", "the gradient of lowdin(P, iters > 0, R0) depends on whether R0 was taken as the warm "
+                               "start, a decision on values that torch.compile and torch.func's transforms cannot "
+                               "trace; use iters=0 (the polar factor: its gradient does not depend on R0) there")
     if ctx.iters == 0 or warm_start_accepted(P, R0):
         # the polar factor, whatever R0 (a starting guess, not a differentiable input)
         return _polar_gradient("lowdin", _ops.lowdin_backward(grad, P, R), grad, P), None, None

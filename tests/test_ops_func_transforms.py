@@ -146,3 +146,20 @@ def test_vmap_equals_the_op_per_sample(op, recwarn):
         for j, g in enumerate(got):
             torch.testing.assert_close(g, torch.stack([w[j] for w in want]), rtol=1e-12, atol=1e-12)
     assert not [w for w in recwarn if "batching rule" in str(w.message)]
+
+
+def test_lowdin_with_steps_and_a_warm_start_says_why_it_cannot_be_traced():
+    # its gradient depends on whether R0 was accepted (a decision on values): a clear error under vmap and
+    # torch.compile instead of "vmap ... .item()" / GuardOnDataDependentSymNode; eager and iters=0 work
+    P = _rn(3, 4, 4, seed=11)
+    R0 = ops.lowdin(P)
+    msg = r"opt_fast\.lowdin: the gradient of lowdin\(P, iters > 0, R0\) depends on whether R0"
+    with pytest.raises(RuntimeError, match=msg):
+        vmap(grad(lambda p, r: ops.lowdin(p, 3, r).sum()))(P, R0)
+    f = torch.compile(lambda p, r: ops.lowdin(p, 3, r), fullgraph=True)
+    with pytest.raises(Exception, match=msg):
+        f(P.clone().requires_grad_(), R0).sum().backward()
+    vmap(grad(lambda p, r: ops.lowdin(p, 0, r).sum()))(P, R0)
+    X = P.clone().requires_grad_()
+    ops.lowdin(X, 3, R0).sum().backward()
+    assert X.grad.isfinite().all()
